@@ -1,0 +1,39 @@
+"""The definition of hierarchical attention: a plain loop over segments, float64-capable."""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import AttentionCall, Backend, floating_dtype_reason
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def reference_attention(call: AttentionCall) -> torch.Tensor:
+    """Softmax attention inside each segment, one segment at a time.
+
+    Segment ``s`` holds patch rows ``cu[s]:cu[s+1]`` and, with class tokens, row ``N + s``.
+    Segments tile the patch rows in order, so concatenating the per-segment outputs (patch
+    parts, then class parts) restores the input's row order.
+    """
+    q, k, v, n = call.q, call.k, call.v, call.layout.num_tokens
+    cu = call.layout.level(call.level).cu_seqlens.tolist()
+    patch_out, class_out = [], []
+    for s, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        rows = slice(a, b)
+        qs, ks, vs = q[rows], k[rows], v[rows]
+        if call.class_tokens:
+            c = slice(n + s, n + s + 1)
+            qs, ks, vs = torch.cat([qs, q[c]]), torch.cat([ks, k[c]]), torch.cat([vs, v[c]])
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * call.scale
+        out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), vs)
+        patch_out.append(out[: b - a])
+        class_out.append(out[b - a :])
+    return torch.cat(patch_out + class_out)
+
+
+backend = Backend(
+    name="reference",
+    run=reference_attention,
+    unsupported_reason=lambda call: floating_dtype_reason(call, _DTYPES),
+)

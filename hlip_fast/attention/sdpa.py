@@ -1,0 +1,74 @@
+"""SDPA backend: segments grouped by length, one batched ``scaled_dot_product_attention`` each.
+
+Segments of equal length need no padding and no mask, so every group runs PyTorch's fused
+kernels. The gather indices of each group and the permutation that restores row order are
+built on the host once per (layout, level) and cached on the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .dispatch import AttentionCall, Backend, floating_dtype_reason
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """``groups[i]`` is ``(segments, length)`` row indices; ``inverse`` undoes their concatenation."""
+
+    groups: tuple[torch.Tensor, ...]
+    inverse: torch.Tensor
+
+
+def bucket_plan(call: AttentionCall) -> BucketPlan:
+    """The cached plan for ``call``'s layout, level and class-token mode."""
+    key = ("sdpa_plan", call.level, call.class_tokens)
+    cache = call.layout.cache
+    if key not in cache:
+        cache[key] = _build_plan(call)
+    return cache[key]
+
+
+def _build_plan(call: AttentionCall) -> BucketPlan:
+    layout = call.layout
+    lv = layout.level(call.level)
+    starts, seqlens = lv.starts, lv.seqlens
+    groups, order = [], []
+    for length in np.unique(seqlens):
+        segments = np.flatnonzero(seqlens == length)
+        rows = starts[segments, None] + np.arange(length)
+        if call.class_tokens:
+            rows = np.concatenate([rows, layout.num_tokens + segments[:, None]], axis=1)
+        groups.append(rows)
+        order.append(rows.ravel())
+    order = np.concatenate(order)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    device = layout.device
+    return BucketPlan(
+        groups=tuple(torch.from_numpy(g).to(device) for g in groups),
+        inverse=torch.from_numpy(inverse).to(device),
+    )
+
+
+def sdpa_attention(call: AttentionCall) -> torch.Tensor:
+    heads, dim = call.q.shape[1:]
+    outs = []
+    for rows in bucket_plan(call).groups:
+        q, k, v = (t[rows].transpose(1, 2) for t in (call.q, call.k, call.v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=call.scale)
+        outs.append(out.transpose(1, 2).reshape(-1, heads, dim))
+    return torch.cat(outs)[bucket_plan(call).inverse]
+
+
+backend = Backend(
+    name="sdpa",
+    run=sdpa_attention,
+    unsupported_reason=lambda call: floating_dtype_reason(call, _DTYPES),
+)

@@ -1,0 +1,18 @@
+"""Building blocks of the hierarchical ViT: each module takes packed rows plus the layout."""
+
+from .attention import HierarchicalAttention
+from .block import HierarchicalBlock, SegmentDropPath
+from .class_tokens import switch_level
+from .patch_embed import PatchEmbed3D
+from .pos_embed import resample_3d, sincos_1d, sincos_3d
+
+__all__ = [
+    "HierarchicalAttention",
+    "HierarchicalBlock",
+    "PatchEmbed3D",
+    "SegmentDropPath",
+    "resample_3d",
+    "sincos_1d",
+    "sincos_3d",
+    "switch_level",
+]

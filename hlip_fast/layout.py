@@ -1,0 +1,244 @@
+"""The packing of a batch of ragged studies: which tokens form each slice, scan and study segment.
+
+Tokens are packed study by study, scan by scan, slice-group by slice-group, then row-major over
+the in-plane patch grid. Because the order is the same at every level, each level is just a
+different set of segment boundaries over the same tokens. A :class:`Layout` is built once per
+batch on the host (NumPy) and moved to the device once; every block of the model shares it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+LEVELS: tuple[str, ...] = ("slice", "scan", "study")
+"""Attention levels, from finest to coarsest. Segments nest: slice ⊂ scan ⊂ study."""
+
+
+def check_level(level: str) -> str:
+    """Return ``level`` if it names an attention level, else raise a ``ValueError``."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown attention level {level!r}; expected one of {LEVELS}")
+    return level
+
+
+@dataclass(frozen=True)
+class LevelLayout:
+    """Segments of one level.
+
+    ``cu_seqlens`` (int32, segments + 1) and ``segment_ids`` (int32, one per token) live on the
+    layout's device; ``seqlens`` stays on the host so that planning code never syncs.
+    """
+
+    cu_seqlens: torch.Tensor
+    segment_ids: torch.Tensor
+    seqlens: np.ndarray
+    max_seqlen: int
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seqlens)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Host offsets of the first token of each segment."""
+        return np.concatenate([[0], np.cumsum(self.seqlens)[:-1]]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Segment structure of a packed batch at the slice, scan and study levels.
+
+    Host arrays (NumPy): ``grids`` ``(num_scans, 3)`` patch grid ``(d, h, w)`` per scan,
+    ``scan_study`` study index per scan, ``scan_offsets`` ``(num_scans + 1)`` token offsets.
+    Device tensors: per level :class:`LevelLayout`; ``scan_study_index`` and
+    ``scan_position`` (index of each scan within its study) as int64 for embedding look-ups;
+    ``parents`` maps ``(fine, coarse)`` to the coarse segment of each fine segment.
+    """
+
+    grids: np.ndarray
+    scan_study: np.ndarray
+    scan_offsets: np.ndarray
+    slice_depth: int
+    levels: dict[str, LevelLayout]
+    scan_study_index: torch.Tensor
+    scan_position: torch.Tensor
+    parents: dict[tuple[str, str], torch.Tensor]
+    child_counts: dict[tuple[str, str], torch.Tensor]
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    """Per-layout memo for backends (bucket plans, block masks): built on first use, reused by
+    every block of a step."""
+
+    @classmethod
+    def build(
+        cls,
+        grids: Sequence[Sequence[int]] | np.ndarray,
+        scans_per_study: Sequence[int],
+        *,
+        slice_depth: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> Layout:
+        """Build the layout from each scan's patch grid and each study's number of scans.
+
+        A slice segment is ``slice_depth`` adjacent depth-rows of one scan (the last group of a
+        scan may be thinner when its depth is not a multiple of ``slice_depth``).
+        """
+        grids = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+        scans_per_study = np.asarray(scans_per_study, dtype=np.int64)
+        if slice_depth < 1:
+            raise ValueError(f"slice_depth must be >= 1, got {slice_depth}")
+        if len(scans_per_study) == 0:
+            raise ValueError("a layout needs at least one study")
+        if (scans_per_study < 1).any():
+            empty = np.flatnonzero(scans_per_study < 1).tolist()
+            raise ValueError(f"studies {empty} have no scans")
+        if scans_per_study.sum() != len(grids):
+            raise ValueError(
+                f"scans_per_study adds up to {scans_per_study.sum()} but {len(grids)} grids were given"
+            )
+        if (grids < 1).any():
+            raise ValueError(f"every patch grid needs positive sizes, got {grids.tolist()}")
+
+        num_studies = len(scans_per_study)
+        scan_study = np.repeat(np.arange(num_studies), scans_per_study)
+        scan_tokens = grids.prod(axis=1)
+        scan_offsets = np.concatenate([[0], np.cumsum(scan_tokens)])
+        study_offsets = np.concatenate([[0], np.cumsum(scans_per_study)])
+        scan_position = np.arange(len(grids)) - study_offsets[scan_study]
+
+        rows_per_slice = [
+            np.minimum(slice_depth, d - np.arange(0, d, slice_depth)) for d in grids[:, 0]
+        ]
+        slice_seqlens = np.concatenate(
+            [rows * h * w for rows, (_, h, w) in zip(rows_per_slice, grids)]
+        )
+        study_seqlens = np.add.reduceat(scan_tokens, study_offsets[:-1])
+        seqlens = {"slice": slice_seqlens, "scan": scan_tokens, "study": study_seqlens}
+
+        device = torch.device(device)
+        levels = {name: _level_layout(seqlens[name], device) for name in LEVELS}
+        parents, child_counts = {}, {}
+        for i, fine in enumerate(LEVELS):
+            for coarse in LEVELS[i + 1 :]:
+                fine_starts = levels[fine].starts
+                coarse_ids = np.repeat(
+                    np.arange(levels[coarse].num_segments), seqlens[coarse]
+                )
+                parent = coarse_ids[fine_starts]
+                counts = np.bincount(parent, minlength=levels[coarse].num_segments)
+                parents[fine, coarse] = torch.from_numpy(parent).to(device)
+                child_counts[fine, coarse] = torch.from_numpy(counts).to(device)
+        return cls(
+            grids=grids,
+            scan_study=scan_study,
+            scan_offsets=scan_offsets,
+            slice_depth=slice_depth,
+            levels=levels,
+            scan_study_index=torch.from_numpy(scan_study).to(device),
+            scan_position=torch.from_numpy(scan_position).to(device),
+            parents=parents,
+            child_counts=child_counts,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.scan_position.device
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.scan_offsets[-1])
+
+    @property
+    def num_scans(self) -> int:
+        return len(self.grids)
+
+    @property
+    def num_studies(self) -> int:
+        return self.levels["study"].num_segments
+
+    @property
+    def scan_tokens(self) -> np.ndarray:
+        """Host number of tokens in each scan."""
+        return np.diff(self.scan_offsets)
+
+    def level(self, level: str) -> LevelLayout:
+        """The segments of ``level`` (``"slice"``, ``"scan"`` or ``"study"``)."""
+        return self.levels[check_level(level)]
+
+    def num_segments(self, level: str) -> int:
+        return self.level(level).num_segments
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Layout:
+        """This layout with its tensors on ``device`` (itself when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        levels = {
+            name: LevelLayout(
+                cu_seqlens=move(lv.cu_seqlens),
+                segment_ids=move(lv.segment_ids),
+                seqlens=lv.seqlens,
+                max_seqlen=lv.max_seqlen,
+            )
+            for name, lv in self.levels.items()
+        }
+        return Layout(
+            grids=self.grids,
+            scan_study=self.scan_study,
+            scan_offsets=self.scan_offsets,
+            slice_depth=self.slice_depth,
+            levels=levels,
+            scan_study_index=move(self.scan_study_index),
+            scan_position=move(self.scan_position),
+            parents={k: move(v) for k, v in self.parents.items()},
+            child_counts={k: move(v) for k, v in self.child_counts.items()},
+        )
+
+    def row_segment_ids(self, level: str, class_tokens: bool) -> torch.Tensor:
+        """Segment id (int32) of every row of a level's packed tensor.
+
+        Rows are the patch tokens, then, with ``class_tokens``, one class-token copy per segment.
+        """
+        key = ("row_segment_ids", level, class_tokens)
+        if key not in self.cache:
+            lv = self.level(level)
+            ids = lv.segment_ids
+            if class_tokens:
+                copies = torch.arange(lv.num_segments, dtype=ids.dtype, device=ids.device)
+                ids = torch.cat([ids, copies])
+            self.cache[key] = ids
+        return self.cache[key]
+
+    def describe(self) -> dict[str, dict[str, float]]:
+        """Per-level segment statistics: count, min, median, mean and max length."""
+        stats = {}
+        for name, lv in self.levels.items():
+            s = lv.seqlens
+            stats[name] = {
+                "segments": int(len(s)),
+                "min": int(s.min()),
+                "median": float(np.median(s)),
+                "mean": float(s.mean()),
+                "max": int(s.max()),
+            }
+        return stats
+
+
+def _level_layout(seqlens: np.ndarray, device: torch.device) -> LevelLayout:
+    seqlens = seqlens.astype(np.int64)
+    cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+    ids = np.repeat(np.arange(len(seqlens), dtype=np.int32), seqlens)
+    return LevelLayout(
+        cu_seqlens=torch.from_numpy(cu).to(device),
+        segment_ids=torch.from_numpy(ids).to(device),
+        seqlens=seqlens,
+        max_seqlen=int(seqlens.max()),
+    )

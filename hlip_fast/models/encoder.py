@@ -1,0 +1,193 @@
+"""HLIP's vision encoder on packed ragged studies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import init_weights_vit_timm
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import HierarchicalBlock, PatchEmbed3D, resample_3d, sincos_1d, sincos_3d, switch_level
+from ..layout import LEVELS, Layout
+from ..packing import StudyBatch, to_3tuple
+
+POOLINGS = ("token", "avg")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Shape of an HLIP vision encoder.
+
+    ``img_size`` only sets the grid of the spatial position table (``img_size // patch_size``);
+    scans of any size divisible by the patch are accepted and the table is resampled to each.
+    ``levels`` names the attention level of every block. ``max_num_scans`` is the length of the
+    per-scan sequential position table (1: single-scan studies, no sequential embedding).
+    """
+
+    img_size: tuple[int, int, int] = (48, 224, 224)
+    patch_size: tuple[int, int, int] = (8, 16, 16)
+    in_chans: int = 1
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    drop_path_rate: float = 0.0
+    max_num_scans: int = 40
+    levels: tuple[str, ...] = field(default=("scan", "scan", "study") * 4)
+    pooling: str = "token"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "img_size", to_3tuple(self.img_size, "img_size"))
+        object.__setattr__(self, "patch_size", to_3tuple(self.patch_size, "patch_size"))
+        object.__setattr__(self, "levels", tuple(self.levels))
+        problems = []
+        if len(self.levels) != self.depth:
+            problems.append(f"levels has {len(self.levels)} entries for depth {self.depth}")
+        if bad := [lv for lv in self.levels if lv not in LEVELS]:
+            problems.append(f"unknown levels {bad}; expected entries of {LEVELS}")
+        if self.embed_dim % 6:
+            problems.append(f"embed_dim {self.embed_dim} must be divisible by 6 (3D sin-cos table)")
+        if self.embed_dim % self.num_heads:
+            problems.append(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
+        if any(i % p for i, p in zip(self.img_size, self.patch_size)):
+            problems.append(f"img_size {self.img_size} not divisible by patch_size {self.patch_size}")
+        if self.max_num_scans < 1:
+            problems.append(f"max_num_scans must be >= 1, got {self.max_num_scans}")
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling {self.pooling!r} not in {POOLINGS}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            problems.append(f"drop_path_rate {self.drop_path_rate} not in [0, 1)")
+        if problems:
+            raise ValueError("invalid VisionConfig: " + "; ".join(problems))
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        return tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+
+
+class HLIPVisionEncoder(nn.Module):
+    """Hierarchical ViT over a :class:`~hlip_fast.packing.StudyBatch`: one embedding per study.
+
+    Patch tokens stay packed in one ``(num_tokens, C)`` tensor for the whole forward pass. The
+    class-token copies of the current level ride behind them (one row per segment); at a level
+    change only those rows are averaged (to a coarser level) or replicated (to a finer one).
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.patch_embed = PatchEmbed3D(config.patch_size, config.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("spatial_posemb", sincos_3d(config.grid_size, dim)[None])
+        if config.max_num_scans > 1:
+            positions = torch.arange(config.max_num_scans)
+            self.register_buffer("sequential_posemb", sincos_1d(positions, dim)[None])
+        else:
+            self.sequential_posemb = None
+        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
+        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(
+            HierarchicalBlock(
+                dim,
+                config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                qk_norm=config.qk_norm,
+                drop_path=rate,
+                norm_layer=norm_layer,
+            )
+            for rate in rates
+        )
+        self.norm = norm_layer(dim)
+        self.grad_checkpointing = False
+        self.apply(init_weights_vit_timm)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run every block's attention with ``backend`` (``"auto"`` restores the default)."""
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    def position_embedding(self, layout: Layout) -> torch.Tensor:
+        """``(num_tokens, C)``: spatial table resampled to each scan's grid + scan position.
+
+        Scan positions are the scan's index in its study in eval mode; in training mode each
+        study draws distinct random positions from the table, as HLIP does.
+        """
+        tables = {}
+        for grid in map(tuple, layout.grids.tolist()):
+            if grid not in tables:
+                tables[grid] = resample_3d(self.spatial_posemb[0], grid).reshape(-1, self.embed_dim)
+        pos = torch.cat([tables[grid] for grid in map(tuple, layout.grids.tolist())])
+        if self.sequential_posemb is None:
+            return pos
+        positions = layout.scan_position
+        if self.training:
+            draws = torch.rand(layout.num_studies, self.config.max_num_scans, device=pos.device)
+            positions = draws.argsort(dim=1)[layout.scan_study_index, positions]
+        per_scan = self.sequential_posemb[0, positions]
+        repeats = torch.from_numpy(layout.scan_tokens).to(pos.device)
+        return pos + per_scan.repeat_interleave(repeats, dim=0, output_size=layout.num_tokens)
+
+    def forward_features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, C)`` class tokens."""
+        self._check_batch(batch)
+        layout, num_tokens = batch.layout, batch.layout.num_tokens
+        x = self.patch_embed(batch.patches) + self.position_embedding(layout)
+        level = self.config.levels[0]
+        cls = self.cls_token[0].expand(layout.num_segments(level), -1)
+        rows = torch.cat([x, cls])
+        for block, next_level in zip(self.blocks, self.config.levels):
+            if next_level != level:
+                x, cls = rows[:num_tokens], switch_level(rows[num_tokens:], layout, level, next_level)
+                rows, level = torch.cat([x, cls]), next_level
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                rows = checkpoint(block, rows, layout, level, use_reentrant=False)
+            else:
+                rows = block(rows, layout, level)
+        cls = switch_level(rows[num_tokens:], layout, level, "study")
+        return self.norm(rows[:num_tokens]), self.norm(cls)
+
+    def pool(self, tokens: torch.Tensor, cls: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """One embedding per study: its class token, or the mean of its patch tokens."""
+        if self.config.pooling == "token":
+            return cls
+        ids = layout.level("study").segment_ids
+        summed = tokens.new_zeros(layout.num_studies, tokens.shape[1]).index_add(0, ids, tokens)
+        counts = torch.from_numpy(layout.level("study").seqlens).to(tokens)
+        return summed / counts.unsqueeze(1)
+
+    def forward(self, batch: StudyBatch) -> torch.Tensor:
+        """``(num_studies, embed_dim)`` study embeddings."""
+        return self.pool(*self.forward_features(batch), batch.layout)
+
+    def _check_batch(self, batch: StudyBatch) -> None:
+        cfg = self.config
+        if batch.patch_size != cfg.patch_size or batch.in_chans != cfg.in_chans:
+            raise ValueError(
+                f"batch has patch {batch.patch_size} with {batch.in_chans} channels; the model "
+                f"expects patch {cfg.patch_size} with {cfg.in_chans} channels"
+            )
+        scans_per_study = np.bincount(batch.layout.scan_study)
+        if scans_per_study.max() > cfg.max_num_scans:
+            worst = int(scans_per_study.argmax())
+            raise ValueError(
+                f"study {batch.study_ids[worst]!r} has {scans_per_study[worst]} scans; "
+                f"this model's positional table allows at most {cfg.max_num_scans}"
+            )

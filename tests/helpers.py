@@ -1,0 +1,41 @@
+"""Random ragged inputs for the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hlip_fast import Layout
+
+
+def random_layout(
+    rng: np.random.Generator,
+    max_studies: int = 4,
+    max_scans: int = 3,
+    max_depth: int = 4,
+    max_side: int = 4,
+    slice_depth: int | None = None,
+) -> Layout:
+    """A ragged layout: every study its own number of scans, every scan its own grid."""
+    scans = rng.integers(1, max_scans + 1, size=rng.integers(1, max_studies + 1))
+    grids = np.stack(
+        [
+            rng.integers(1, max_depth + 1, size=scans.sum()),
+            rng.integers(1, max_side + 1, size=scans.sum()),
+            rng.integers(1, max_side + 1, size=scans.sum()),
+        ],
+        axis=1,
+    )
+    depth = int(rng.integers(1, 3)) if slice_depth is None else slice_depth
+    return Layout.build(grids, scans.tolist(), slice_depth=depth)
+
+
+def random_rows(
+    layout: Layout, level: str, class_tokens: bool, heads: int = 2, dim: int = 8,
+    dtype: torch.dtype = torch.float64, requires_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q, k, v with a row per token (plus one per segment with class tokens)."""
+    rows = layout.num_tokens + (layout.num_segments(level) if class_tokens else 0)
+    return tuple(
+        torch.randn(rows, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)
+    )

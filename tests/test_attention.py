@@ -1,0 +1,208 @@
+"""Every backend against the reference definition, forward and backward, plus the dispatcher."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import random_layout, random_rows
+
+from hlip_fast import LEVELS, Layout, hier_attention, list_backends
+from hlip_fast.attention import available_backends
+
+FAST_BACKENDS = [b for b in list_backends() if b != "reference"]
+# Per dtype: (rtol, atol) against a float64 reference.
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (1e-2, 2e-2),
+}
+EDGE_LAYOUT = dict(
+    # Segment lengths 1, 7 and 196 side by side, plus an uneven multi-scan study.
+    grids=[(1, 1, 1), (1, 1, 7), (1, 14, 14), (3, 2, 5), (2, 1, 3), (4, 1, 1)],
+    scans_per_study=[1, 1, 1, 3],
+)
+
+
+def run_backend(backend, q, k, v, layout, level, grad_out):
+    q, k, v = (t.detach().requires_grad_(grad_out is not None) for t in (q, k, v))
+    out = hier_attention(q, k, v, layout, level, backend=backend)
+    if grad_out is None:
+        return out.detach(), None
+    out.backward(grad_out)
+    return out.detach(), tuple(t.grad for t in (q, k, v))
+
+
+def supports_backward(backend: str, device: torch.device) -> bool:
+    return backend != "flex" or device.type == "cuda"
+
+
+def check_against_reference(backend, layout, level, class_tokens, dtype):
+    q, k, v = random_rows(layout, level, class_tokens)
+    grad_out = torch.randn_like(q)
+    with_grad = supports_backward(backend, q.device)
+    expected, expected_grads = run_backend("reference", q, k, v, layout, level, grad_out)
+    cast = [t.to(dtype) for t in (q, k, v)]
+    out, grads = run_backend(backend, *cast, layout, level, grad_out.to(dtype) if with_grad else None)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+    if with_grad:
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("class_tokens", [False, True])
+def test_backend_matches_reference_fp32(backend, level, class_tokens, rng):
+    for _ in range(3):
+        layout = random_layout(rng)
+        check_against_reference(backend, layout, level, class_tokens, torch.float32)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_backend_matches_reference_on_edge_lengths(backend, level, seed):
+    layout = Layout.build(**EDGE_LAYOUT)
+    check_against_reference(backend, layout, level, True, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("level", LEVELS)
+def test_sdpa_half_precision(dtype, level, rng):
+    check_against_reference("sdpa", random_layout(rng), level, True, dtype)
+
+
+def test_reference_attends_only_inside_segments(rng):
+    """Changing one segment's keys and values changes no other segment's output."""
+    layout = random_layout(rng, max_studies=3)
+    for level in LEVELS:
+        q, k, v = random_rows(layout, level, class_tokens=True)
+        base = hier_attention(q, k, v, layout, level, backend="reference")
+        ids = layout.row_segment_ids(level, class_tokens=True)
+        target = int(ids[torch.randint(len(ids), ())])
+        inside = ids == target
+        k2, v2 = k.clone(), v.clone()
+        k2[inside] += 1.0
+        v2[inside] -= 2.0
+        changed = hier_attention(q, k2, v2, layout, level, backend="reference")
+        torch.testing.assert_close(changed[~inside], base[~inside], rtol=0, atol=0)
+        assert not torch.allclose(changed[inside], base[inside])
+
+
+def test_single_segment_equals_dense_attention(seed):
+    layout = Layout.build([(2, 3, 3)], [1])
+    q, k, v = random_rows(layout, "study", class_tokens=False)
+    dense = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) * 8**-0.5, -1)
+    expected = torch.einsum("hqk,khd->qhd", dense, v)
+    for backend in list_backends():
+        out = hier_attention(q, k, v, layout, "study", backend=backend)
+        torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_gradcheck(backend, seed):
+    layout = Layout.build([(2, 1, 2), (1, 1, 3), (1, 2, 1)], [2, 1])
+    for level in LEVELS:
+        q, k, v = random_rows(layout, level, class_tokens=True, heads=1, dim=3, requires_grad=True)
+        fn = lambda q, k, v: hier_attention(q, k, v, layout, level, backend=backend)  # noqa: B023
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_non_contiguous_inputs(rng):
+    layout = random_layout(rng)
+    rows = layout.num_tokens + layout.num_segments("scan")
+    qkv = torch.randn(rows, 3, 2, 8, dtype=torch.float64)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    expected = hier_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, "scan", backend="reference")
+    for backend in FAST_BACKENDS:
+        out = hier_attention(q, k, v, layout, "scan", backend=backend)
+        torch.testing.assert_close(out, expected)
+
+
+def test_custom_scale(rng):
+    layout = random_layout(rng)
+    q, k, v = random_rows(layout, "scan", class_tokens=True)
+    expected = hier_attention(q * 0.5, k, v, layout, "scan", backend="reference", scale=8**-0.5)
+    out = hier_attention(q, k, v, layout, "scan", backend="sdpa", scale=0.5 * 8**-0.5)
+    torch.testing.assert_close(out, expected)
+
+
+def test_env_variable_forces_backend(monkeypatch, caplog, rng):
+    layout = random_layout(rng)
+    q, k, v = random_rows(layout, "slice", class_tokens=True, dtype=torch.float32)
+    monkeypatch.setenv("HLIP_FAST_ATTN_BACKEND", "flex")
+    with caplog.at_level(logging.DEBUG, logger="hlip_fast.attention.dispatch"):
+        hier_attention(q, k, v, layout, "slice")
+        hier_attention(q, k, v, layout, "slice", backend="sdpa")  # an explicit name wins
+    assert [r.getMessage().split("backend=")[1] for r in caplog.records] == ["flex", "sdpa"]
+
+
+def test_auto_picks_sdpa_on_cpu(caplog, rng):
+    layout = random_layout(rng)
+    q, k, v = random_rows(layout, "scan", class_tokens=False)
+    with caplog.at_level(logging.DEBUG, logger="hlip_fast.attention.dispatch"):
+        hier_attention(q, k, v, layout, "scan")
+    assert caplog.records[-1].getMessage().endswith("backend=sdpa")
+
+
+def test_forced_backend_that_cannot_run_says_why(rng):
+    layout = random_layout(rng)
+    q, k, v = random_rows(layout, "scan", class_tokens=False, requires_grad=True)
+    with pytest.raises(RuntimeError, match="'flex' cannot run this call: backward runs only on CUDA"):
+        hier_attention(q, k, v, layout, "scan", backend="flex")
+
+
+def test_no_backend_fits_lists_every_reason():
+    layout = Layout.build([(1, 2, 2)], [1])
+    q = torch.zeros(4, 1, 4, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="no attention backend") as err:
+        hier_attention(q, q, q, layout, "scan")
+    for name in list_backends():
+        assert f"  {name}: " in str(err.value)
+    reasons = available_backends(q, q, q, layout, "scan")
+    assert set(reasons) == set(list_backends()) and all(reasons.values())
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda q: (q[:-1], q[:-1], q[:-1], "scan", "sdpa"), "has 3 rows"),
+        (lambda q: (q, q, q[:, :, :2], "scan", "sdpa"), "share one shape"),
+        (lambda q: (q, q, q.float(), "scan", "sdpa"), "one dtype"),
+        (lambda q: (q, q, q, "series", "sdpa"), "unknown attention level"),
+        (lambda q: (q, q, q, "scan", "magic"), "unknown attention backend 'magic'"),
+    ],
+)
+def test_bad_calls_get_clear_errors(make, message):
+    layout = Layout.build([(1, 2, 2)], [1])
+    q = torch.zeros(4, 1, 4, dtype=torch.float64)
+    *args, level, backend = make(q)
+    with pytest.raises(ValueError, match=message):
+        hier_attention(*args, layout, level, backend=backend)
+
+
+def test_layout_on_another_device_is_refused():
+    layout = Layout.build([(1, 2, 2)], [1]).to("meta")
+    q = torch.zeros(4, 1, 4)
+    with pytest.raises(ValueError, match="batch.to"):
+        hier_attention(q, q, q, layout, "scan")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backend_matches_reference_cuda(backend, dtype, rng):
+    for level in LEVELS:
+        layout = random_layout(rng, max_side=16).to("cuda")
+        q, k, v = (t.cuda() for t in random_rows(layout.to("cpu"), level, True, dim=32))
+        grad_out = torch.randn_like(q)
+        expected, expected_grads = run_backend("reference", q, k, v, layout, level, grad_out)
+        out, grads = run_backend(backend, *(t.to(dtype) for t in (q, k, v)), layout, level, grad_out.to(dtype))
+        rtol, atol = (1e-3, 1e-3) if dtype == torch.float32 else TOLERANCE[dtype]  # tf32 allowed
+        torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)

@@ -1,0 +1,199 @@
+"""The packed encoder against HLIP's padded pipeline, per-study independence, configs."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from padded_hlip import PaddedHLIP
+
+import hlip_fast
+from hlip_fast import HLIPVisionEncoder, VisionConfig, create_model, list_models, pack_studies
+
+TINY = ["vit_tiny_singlescan_h2", "vit_tiny_multiscan_h2", "vit_tiny_multiscan_h3"]
+SCHEDULES = [None, ("study", "slice", "scan"), ("scan", "study", "slice")]
+HLIP_NAMES = [
+    "vit_base_singlescan_h2_token2744",
+    "vit_base_multiscan_h2_token588",
+    "vit_base_multiscan_h2_token1176",
+    "vit_base_multiscan_h3_token1176",
+]
+
+
+def uniform_studies(model, studies, shape):
+    scans = 1 if model.config.max_num_scans == 1 else 3
+    return torch.randn(studies, scans, 1, *shape)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("levels", SCHEDULES)
+@pytest.mark.parametrize("shape", [(16, 32, 32), (12, 24, 40)])
+def test_packed_encoder_matches_padded_hlip(name, levels, shape, seed):
+    overrides = {} if levels is None else {"levels": levels}
+    model = create_model(name, **overrides).eval()
+    padded = PaddedHLIP.from_encoder(model).eval()
+    volumes = uniform_studies(model, 2, shape)
+    batch = pack_studies([list(study) for study in volumes], model.config.patch_size)
+    out = model(batch)
+    expected = padded(volumes)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # Gradients agree too (in float64, where a tight tolerance means something).
+    model.double(), padded.double()
+    model(batch.to("cpu", torch.float64)).square().sum().backward()
+    padded(volumes.double()).square().sum().backward()
+    pairs = [
+        (model.patch_embed.proj.weight.grad, padded.proj.weight.grad),
+        (model.cls_token.grad, padded.cls_token.grad),
+        (model.blocks[0].attn.qkv.weight.grad, padded.blocks[0].attn.qkv.weight.grad),
+        (model.blocks[-1].mlp.fc2.weight.grad, padded.blocks[-1].mlp.fc2.weight.grad),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def ragged_studies():
+    return [
+        [torch.randn(16, 32, 32), torch.randn(8, 16, 24)],
+        [torch.randn(4, 40, 8)],
+        [torch.randn(12, 24, 32), torch.randn(4, 8, 8), torch.randn(20, 32, 16)],
+    ]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_multiscan_h2", "vit_tiny_multiscan_h3"])
+@pytest.mark.parametrize("backend", ["sdpa", "reference", "flex"])
+def test_each_study_in_a_ragged_batch_equals_the_study_alone(name, backend, seed):
+    model = create_model(name).eval()
+    model.set_attention_backend(backend)
+    studies = ragged_studies()
+    with torch.no_grad():
+        together = model(pack_studies(studies, model.config.patch_size))
+        for i, study in enumerate(studies):
+            alone = model(pack_studies([study], model.config.patch_size))
+            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_slice_depth_groups_rows(seed):
+    model = create_model("vit_tiny_multiscan_h3").eval()
+    studies = ragged_studies()
+    thin = pack_studies(studies, model.config.patch_size)
+    thick = pack_studies(studies, model.config.patch_size, slice_depth=2)
+    assert thick.layout.num_segments("slice") < thin.layout.num_segments("slice")
+    with torch.no_grad():
+        assert not torch.allclose(model(thin), model(thick))
+
+
+def test_grad_checkpointing_changes_nothing(seed):
+    model = create_model("vit_tiny_multiscan_h3", drop_path_rate=0.0)
+    batch = pack_studies(ragged_studies(), model.config.patch_size)
+    torch.manual_seed(seed)  # training mode draws scan positions
+    model(batch).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(seed)
+    model(batch).sum().backward()
+    for got, want in zip([p.grad for p in model.parameters()], plain):
+        torch.testing.assert_close(got, want)
+
+
+def test_training_mode_draws_distinct_scan_positions(seed):
+    model = create_model("vit_tiny_multiscan_h2").train()
+    layout = pack_studies(ragged_studies(), model.config.patch_size).layout
+    model.eval()
+    spatial = model.position_embedding(layout) - model.sequential_posemb[0, layout.scan_position].repeat_interleave(
+        torch.from_numpy(layout.scan_tokens), dim=0
+    )
+    model.train()
+    drawn = model.position_embedding(layout) - spatial
+    table = model.sequential_posemb[0]
+    starts = layout.scan_offsets[:-1]
+    picks = [int((table - drawn[a]).abs().sum(1).argmin()) for a in starts]
+    for i, a in enumerate(starts):
+        torch.testing.assert_close(drawn[a], table[picks[i]], rtol=1e-5, atol=1e-5)
+    for study in range(layout.num_studies):
+        mine = [p for p, s in zip(picks, layout.scan_study) if s == study]
+        assert len(set(mine)) == len(mine)
+
+
+def test_drop_path_only_in_training(seed):
+    model = create_model("vit_tiny_multiscan_h3", drop_path_rate=0.5)
+    batch = pack_studies(ragged_studies(), model.config.patch_size)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batch), model(batch))
+    model.train()
+    torch.manual_seed(0)
+    a = model(batch)
+    torch.manual_seed(1)
+    b = model(batch)
+    assert not torch.allclose(a, b)
+
+
+def test_avg_pooling_is_the_mean_of_each_study_tokens(seed):
+    model = create_model("vit_tiny_multiscan_h3", pooling="avg").eval()
+    batch = pack_studies(ragged_studies(), model.config.patch_size)
+    tokens, cls = model.forward_features(batch)
+    assert tokens.shape == (batch.layout.num_tokens, 48) and cls.shape == (3, 48)
+    pooled = model(batch)
+    cu = batch.layout.level("study").cu_seqlens.tolist()
+    for s in range(3):
+        torch.testing.assert_close(pooled[s], tokens[cu[s] : cu[s + 1]].mean(0))
+
+
+def test_encoder_refuses_mismatched_batches():
+    model = create_model("vit_tiny_multiscan_h2")
+    with pytest.raises(ValueError, match="expects patch"):
+        model(pack_studies([[torch.zeros(8, 8, 8)]], 2))
+    too_many = pack_studies([[torch.zeros(4, 8, 8)] * 9], (4, 8, 8), study_ids=["big"])
+    with pytest.raises(ValueError, match="study 'big' has 9 scans.*at most 8"):
+        model(too_many)
+
+
+def test_hlip_configs_are_registered_with_their_shapes():
+    assert set(HLIP_NAMES) <= set(list_models())
+    with torch.device("meta"):
+        single = create_model("vit_base_singlescan_h2_token2744")
+        multi = create_model("vit_base_multiscan_h3_token1176")
+    assert single.spatial_posemb.shape == (1, 14, 14, 14, 768) and single.sequential_posemb is None
+    assert multi.spatial_posemb.shape == (1, 6, 14, 14, 768)
+    assert multi.sequential_posemb.shape == (1, 40, 768)
+    assert multi.config.levels == ("slice", "scan", "study") * 4
+    params = sum(p.numel() for n, p in multi.named_parameters())
+    assert 85e6 < params < 87e6  # ViT-B/16-sized trunk
+
+
+def test_timm_registry_builds_our_encoder():
+    model = timm.create_model("vit_tiny_multiscan_h3", drop_path_rate=0.1)
+    assert isinstance(model, HLIPVisionEncoder) and model.config.drop_path_rate == 0.1
+    with pytest.raises(ValueError, match="fetches no weights"):
+        timm.create_model("vit_tiny_multiscan_h3", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(depth=2, levels=("scan",)), "1 entries for depth 2"),
+        (dict(depth=1, levels=("series",)), "unknown levels"),
+        (dict(depth=1, levels=("scan",), embed_dim=64, num_heads=2), "divisible by 6"),
+        (dict(depth=1, levels=("scan",), embed_dim=48, num_heads=5), "num_heads 5"),
+        (dict(depth=1, levels=("scan",), img_size=(10, 32, 32), patch_size=(4, 8, 8)), "img_size"),
+        (dict(depth=1, levels=("scan",), pooling="max"), "pooling"),
+        (dict(depth=1, levels=("scan",), max_num_scans=0), "max_num_scans"),
+    ],
+)
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VisionConfig(**kwargs)
+
+
+def test_create_model_errors():
+    with pytest.raises(ValueError, match="unknown model 'vit_huge'"):
+        create_model("vit_huge")
+    with pytest.raises(ValueError, match=r"unknown VisionConfig fields \['width'\]"):
+        create_model("vit_tiny_multiscan_h2", width=3)
+
+
+def test_public_api():
+    for name in ["pack_studies", "hier_attention", "HierarchicalAttention", "VisionConfig",
+                 "HLIPVisionEncoder", "create_model", "list_models", "StudyBatch", "Layout"]:
+        assert hasattr(hlip_fast, name)
