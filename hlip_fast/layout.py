@@ -110,12 +110,12 @@ class Layout:
         study_offsets = np.concatenate([[0], np.cumsum(scans_per_study)])
         scan_position = np.arange(len(grids)) - study_offsets[scan_study]
 
-        rows_per_slice = [
-            np.minimum(slice_depth, d - np.arange(0, d, slice_depth)) for d in grids[:, 0]
-        ]
-        slice_seqlens = np.concatenate(
-            [rows * h * w for rows, (_, h, w) in zip(rows_per_slice, grids)]
-        )
+        # Slice groups: ceil(d / slice_depth) per scan; the last may hold fewer depth-rows.
+        groups = -(-grids[:, 0] // slice_depth)
+        group_scan = np.repeat(np.arange(len(grids)), groups)
+        group_index = np.arange(groups.sum()) - np.repeat(np.cumsum(groups) - groups, groups)
+        rows = np.minimum(slice_depth, grids[group_scan, 0] - group_index * slice_depth)
+        slice_seqlens = rows * grids[group_scan, 1] * grids[group_scan, 2]
         study_seqlens = np.add.reduceat(scan_tokens, study_offsets[:-1])
         seqlens = {"slice": slice_seqlens, "scan": scan_tokens, "study": study_seqlens}
 
@@ -124,11 +124,8 @@ class Layout:
         parents, child_counts = {}, {}
         for i, fine in enumerate(LEVELS):
             for coarse in LEVELS[i + 1 :]:
-                fine_starts = levels[fine].starts
-                coarse_ids = np.repeat(
-                    np.arange(levels[coarse].num_segments), seqlens[coarse]
-                )
-                parent = coarse_ids[fine_starts]
+                coarse_ends = np.cumsum(seqlens[coarse])
+                parent = np.searchsorted(coarse_ends, levels[fine].starts, side="right")
                 counts = np.bincount(parent, minlength=levels[coarse].num_segments)
                 parents[fine, coarse] = torch.from_numpy(parent).to(device)
                 child_counts[fine, coarse] = torch.from_numpy(counts).to(device)

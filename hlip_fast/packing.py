@@ -105,9 +105,7 @@ def pack_studies(
             rows.append(patches)
             grids.append(grid)
 
-    layout = Layout.build(
-        grids, [len(s) for s in studies], slice_depth=slice_depth, device=ref.device
-    )
+    layout = Layout.build(grids, [len(s) for s in studies], slice_depth=slice_depth, device=ref.device)
     return StudyBatch(
         patches=torch.cat(rows), layout=layout, patch_size=patch, in_chans=ref.shape[0], study_ids=ids
     )

@@ -31,11 +31,14 @@ def random_layout(
 
 
 def random_rows(
-    layout: Layout, level: str, class_tokens: bool, heads: int = 2, dim: int = 8,
-    dtype: torch.dtype = torch.float64, requires_grad: bool = False,
+    layout: Layout,
+    level: str,
+    class_tokens: bool,
+    heads: int = 2,
+    dim: int = 8,
+    dtype: torch.dtype = torch.float64,
+    requires_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random q, k, v with a row per token (plus one per segment with class tokens)."""
     rows = layout.num_tokens + (layout.num_segments(level) if class_tokens else 0)
-    return tuple(
-        torch.randn(rows, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)
-    )
+    return tuple(torch.randn(rows, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))

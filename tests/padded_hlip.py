@@ -60,7 +60,11 @@ class PaddedHLIP(nn.Module):
         x = (x + pos).reshape(b, n, d, h * w, -1)
 
         def to_level(x, level):  # dense [b, n, d, h*w, C] -> [segments, tokens, C]
-            per_segment = {"slice": (b * n * d, h * w), "scan": (b * n, d * h * w), "study": (b, n * d * h * w)}
+            per_segment = {
+                "slice": (b * n * d, h * w),
+                "scan": (b * n, d * h * w),
+                "study": (b, n * d * h * w),
+            }
             return x.reshape(*per_segment[level], -1)
 
         def copies(level):

@@ -116,7 +116,9 @@ def test_non_contiguous_inputs(rng):
     qkv = torch.randn(rows, 3, 2, 8, dtype=torch.float64)
     q, k, v = qkv.unbind(1)
     assert not q.is_contiguous()
-    expected = hier_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, "scan", backend="reference")
+    expected = hier_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), layout, "scan", backend="reference"
+    )
     for backend in FAST_BACKENDS:
         out = hier_attention(q, k, v, layout, "scan", backend=backend)
         torch.testing.assert_close(out, expected)
@@ -201,7 +203,9 @@ def test_backend_matches_reference_cuda(backend, dtype, rng):
         q, k, v = (t.cuda() for t in random_rows(layout.to("cpu"), level, True, dim=32))
         grad_out = torch.randn_like(q)
         expected, expected_grads = run_backend("reference", q, k, v, layout, level, grad_out)
-        out, grads = run_backend(backend, *(t.to(dtype) for t in (q, k, v)), layout, level, grad_out.to(dtype))
+        out, grads = run_backend(
+            backend, *(t.to(dtype) for t in (q, k, v)), layout, level, grad_out.to(dtype)
+        )
         rtol, atol = (1e-3, 1e-3) if dtype == torch.float32 else TOLERANCE[dtype]  # tf32 allowed
         torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
         for got, want in zip(grads, expected_grads):

@@ -100,9 +100,9 @@ def test_training_mode_draws_distinct_scan_positions(seed):
     model = create_model("vit_tiny_multiscan_h2").train()
     layout = pack_studies(ragged_studies(), model.config.patch_size).layout
     model.eval()
-    spatial = model.position_embedding(layout) - model.sequential_posemb[0, layout.scan_position].repeat_interleave(
-        torch.from_numpy(layout.scan_tokens), dim=0
-    )
+    spatial = model.position_embedding(layout) - model.sequential_posemb[
+        0, layout.scan_position
+    ].repeat_interleave(torch.from_numpy(layout.scan_tokens), dim=0)
     model.train()
     drawn = model.position_embedding(layout) - spatial
     table = model.sequential_posemb[0]
@@ -194,6 +194,15 @@ def test_create_model_errors():
 
 
 def test_public_api():
-    for name in ["pack_studies", "hier_attention", "HierarchicalAttention", "VisionConfig",
-                 "HLIPVisionEncoder", "create_model", "list_models", "StudyBatch", "Layout"]:
+    for name in [
+        "pack_studies",
+        "hier_attention",
+        "HierarchicalAttention",
+        "VisionConfig",
+        "HLIPVisionEncoder",
+        "create_model",
+        "list_models",
+        "StudyBatch",
+        "Layout",
+    ]:
         assert hasattr(hlip_fast, name)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import random_layout
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hlip_fast import LEVELS, Layout
-from helpers import random_layout
 
 grid = st.tuples(st.integers(1, 6), st.integers(1, 4), st.integers(1, 4))
 studies = st.lists(st.lists(grid, min_size=1, max_size=4), min_size=1, max_size=5)

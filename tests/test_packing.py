@@ -14,8 +14,12 @@ from hlip_fast.layers import PatchEmbed3D
 def test_patches_match_conv3d_per_scan(rng):
     patch = (2, 3, 4)
     studies = [
-        [torch.randn(2, 2 * int(rng.integers(1, 4)), 3 * int(rng.integers(1, 4)), 4 * int(rng.integers(1, 4)))
-         for _ in range(int(rng.integers(1, 4)))]
+        [
+            torch.randn(
+                2, 2 * int(rng.integers(1, 4)), 3 * int(rng.integers(1, 4)), 4 * int(rng.integers(1, 4))
+            )
+            for _ in range(int(rng.integers(1, 4)))
+        ]
         for _ in range(3)
     ]
     batch = pack_studies(studies, patch)

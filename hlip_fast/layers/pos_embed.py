@@ -20,9 +20,7 @@ def sincos_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
     if dim % 6:
         raise ValueError(f"a 3D sin-cos embedding needs a dimension divisible by 6, got {dim}")
     d, h, w = grid
-    zz, yy, xx = torch.meshgrid(
-        torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij"
-    )
+    zz, yy, xx = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
     parts = [sincos_1d(axis.reshape(-1), dim // 3) for axis in (xx, yy, zz)]
     return torch.cat(parts, dim=1).reshape(d, h, w, dim)
 

@@ -141,9 +141,8 @@ class HLIPVisionEncoder(nn.Module):
         if self.training:
             draws = torch.rand(layout.num_studies, self.config.max_num_scans, device=pos.device)
             positions = draws.argsort(dim=1)[layout.scan_study_index, positions]
-        per_scan = self.sequential_posemb[0, positions]
-        repeats = torch.from_numpy(layout.scan_tokens).to(pos.device)
-        return pos + per_scan.repeat_interleave(repeats, dim=0, output_size=layout.num_tokens)
+        # A token's scan-level segment id is the index of its scan.
+        return pos + self.sequential_posemb[0, positions][layout.level("scan").segment_ids]
 
     def forward_features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, C)`` class tokens."""
@@ -170,7 +169,7 @@ class HLIPVisionEncoder(nn.Module):
             return cls
         ids = layout.level("study").segment_ids
         summed = tokens.new_zeros(layout.num_studies, tokens.shape[1]).index_add(0, ids, tokens)
-        counts = torch.from_numpy(layout.level("study").seqlens).to(tokens)
+        counts = layout.level("study").cu_seqlens.diff().to(tokens.dtype)
         return summed / counts.unsqueeze(1)
 
     def forward(self, batch: StudyBatch) -> torch.Tensor:

@@ -15,33 +15,57 @@ _TINY = dict(in_chans=1, embed_dim=48, num_heads=2, mlp_ratio=2.0)
 _CONFIGS: dict[str, VisionConfig] = {
     # HLIP (arXiv 2505.21862) configs, under their original names.
     "vit_base_singlescan_h2_token2744": VisionConfig(
-        img_size=(112, 336, 336), patch_size=(8, 24, 24), max_num_scans=1,
-        levels=("slice", "slice", "study") * 4, **_BASE,
+        img_size=(112, 336, 336),
+        patch_size=(8, 24, 24),
+        max_num_scans=1,
+        levels=("slice", "slice", "study") * 4,
+        **_BASE,
     ),
     "vit_base_multiscan_h2_token588": VisionConfig(
-        img_size=(48, 224, 224), patch_size=(16, 16, 16), max_num_scans=40,
-        levels=("scan", "scan", "study") * 4, **_BASE,
+        img_size=(48, 224, 224),
+        patch_size=(16, 16, 16),
+        max_num_scans=40,
+        levels=("scan", "scan", "study") * 4,
+        **_BASE,
     ),
     "vit_base_multiscan_h2_token1176": VisionConfig(
-        img_size=(48, 224, 224), patch_size=(8, 16, 16), max_num_scans=40,
-        levels=("scan", "scan", "study") * 4, **_BASE,
+        img_size=(48, 224, 224),
+        patch_size=(8, 16, 16),
+        max_num_scans=40,
+        levels=("scan", "scan", "study") * 4,
+        **_BASE,
     ),
     "vit_base_multiscan_h3_token1176": VisionConfig(
-        img_size=(48, 224, 224), patch_size=(8, 16, 16), max_num_scans=40,
-        levels=("slice", "scan", "study") * 4, **_BASE,
+        img_size=(48, 224, 224),
+        patch_size=(8, 16, 16),
+        max_num_scans=40,
+        levels=("slice", "scan", "study") * 4,
+        **_BASE,
     ),
     # Tiny configs for tests and demos (same schedules, 3 blocks, width 48).
     "vit_tiny_singlescan_h2": VisionConfig(
-        img_size=(16, 32, 32), patch_size=(4, 8, 8), max_num_scans=1, depth=3,
-        levels=("slice", "slice", "study"), **_TINY,
+        img_size=(16, 32, 32),
+        patch_size=(4, 8, 8),
+        max_num_scans=1,
+        depth=3,
+        levels=("slice", "slice", "study"),
+        **_TINY,
     ),
     "vit_tiny_multiscan_h2": VisionConfig(
-        img_size=(16, 32, 32), patch_size=(4, 8, 8), max_num_scans=8, depth=3,
-        levels=("scan", "scan", "study"), **_TINY,
+        img_size=(16, 32, 32),
+        patch_size=(4, 8, 8),
+        max_num_scans=8,
+        depth=3,
+        levels=("scan", "scan", "study"),
+        **_TINY,
     ),
     "vit_tiny_multiscan_h3": VisionConfig(
-        img_size=(16, 32, 32), patch_size=(4, 8, 8), max_num_scans=8, depth=3,
-        levels=("slice", "scan", "study"), **_TINY,
+        img_size=(16, 32, 32),
+        patch_size=(4, 8, 8),
+        max_num_scans=8,
+        depth=3,
+        levels=("slice", "scan", "study"),
+        **_TINY,
     ),
 }
 
@@ -72,9 +96,7 @@ def _timm_entrypoint(name: str):
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(key, None)
         if pretrained:
-            raise ValueError(
-                f"{name}: hlip_fast fetches no weights; load a local checkpoint instead"
-            )
+            raise ValueError(f"{name}: hlip_fast fetches no weights; load a local checkpoint instead")
         return create_model(name, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name

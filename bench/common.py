@@ -1,0 +1,76 @@
+"""Helpers shared by the benchmark scripts: timing, machine description, result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO / "tests"))  # the padded HLIP pipeline lives with the tests
+
+
+def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict[str, object]:
+    """What ran the benchmark: enough to tell two result files apart."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {
+        "date": dt.date.today().isoformat(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git_commit": commit,
+    }
+
+
+def write_results(name: str, payload: dict[str, object]) -> Path:
+    """Write ``payload`` plus the command and machine to ``bench/results/<name>_<date>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    payload = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": info, **payload}
+    path = RESULTS / f"{name}_{info['date']}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,155 @@
+"""Packed hlip_fast encoder vs HLIP's padded fixed-shape pipeline: forward+backward per study.
+
+The padded pipeline is HLIP's: every scan resized to one depth (``--fixed-depth`` slices), every
+study padded to ``--padded-scans`` scans by repeating its scans, levels switched by reshaping
+dense batches (timm blocks with fused SDPA). hlip_fast packs the same studies ragged: each scan
+keeps its depth (rounded up to a multiple of the patch depth) and no scan is repeated. Both
+models share width, depth, schedule and weights. Resizing is preprocessing in HLIP and is not
+timed; only the model's forward+backward is.
+
+Cases: (a) uniform — every study 4 scans of ``--fixed-depth`` slices, identical work for both;
+(b) ragged brain-MRI mix — 2–12 scans per study, 15–60 slices per scan, 224×224 in-plane;
+the padded pipeline fills every study to the mix's largest study (12 scans), so it drops none.
+Each case draws ``--studies`` studies (default 11: one of each scan count from 2 to 12) and runs
+them ``--batch`` per step; a repeat runs them all.
+
+    python bench/encoder_cpu.py            # prints a table, writes bench/results/encoder_cpu_<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from common import measure, median, write_results
+from padded_hlip import PaddedHLIP
+
+from hlip_fast import create_model, pack_studies
+
+
+def ragged_mix(gen: torch.Generator, studies: int) -> list[list[int]]:
+    """Slice counts of each scan of each study: 2–12 scans, 15–60 slices.
+
+    Scan counts cycle through 2, 3, ..., 12 so that a sample of 11 studies holds the mix's
+    range evenly instead of whatever a small random draw gives; depths are drawn uniformly.
+    """
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    return [[draw(15, 60) for _ in range(2 + i % 11)] for i in range(studies)]
+
+
+def packed_step(model, depths, in_plane, gen):
+    """Forward+backward of the packed encoder on studies with the given scan depths.
+
+    Each depth is rounded up to a multiple of the patch depth (zero slices appended).
+    """
+    patch_depth = model.config.patch_size[0]
+    studies = [
+        [torch.zeros(math.ceil(d / patch_depth) * patch_depth, in_plane, in_plane) for d in study]
+        for study in depths
+    ]
+    for study, study_depths in zip(studies, depths):
+        for scan, d in zip(study, study_depths):
+            scan[:d] = torch.randn(d, in_plane, in_plane, generator=gen)
+    batch = pack_studies(studies, model.config.patch_size)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(batch).square().sum().backward()
+
+    return step, batch.layout.num_tokens
+
+
+def padded_step(model, depths, fixed_depth, padded_scans, in_plane, gen):
+    """Forward+backward of the padded pipeline: fixed depth, scans repeated to a fixed count."""
+    volumes = torch.randn(len(depths), padded_scans, 1, fixed_depth, in_plane, in_plane, generator=gen)
+    for i, study in enumerate(depths):  # HLIP repeats a study's scans to fill its slots
+        for slot in range(len(study), padded_scans):
+            volumes[i, slot] = volumes[i, slot % len(study)]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(volumes).square().sum().backward()
+
+    tokens = volumes[0, 0, 0].numel() // math.prod(model.patch_size) * padded_scans * len(depths)
+    return step, tokens
+
+
+def time_per_study(steps, studies: int, repeats: int) -> list[float]:
+    """Seconds per study of running every step once, for each repeat (after one warm-up step)."""
+    steps[0]()
+    return [t / studies for t in measure(lambda: [step() for step in steps], repeats, warmup=0)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", type=int, default=11, help="studies drawn per case")
+    parser.add_argument("--batch", type=int, default=2, help="studies per forward+backward step")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--embed-dim", type=int, default=96)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=3, help="blocks, scheduled scan, scan, study, ...")
+    parser.add_argument("--in-plane", type=int, default=224)
+    parser.add_argument("--fixed-depth", type=int, default=48, help="slices per scan in the padded pipeline")
+    parser.add_argument("--padded-scans", type=int, default=12, help="scans per study in the padded pipeline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    model = create_model(
+        "vit_base_multiscan_h2_token1176",
+        embed_dim=args.embed_dim,
+        num_heads=args.heads,
+        depth=args.depth,
+        levels=(("scan", "scan", "study") * args.depth)[: args.depth],
+    ).train()
+    padded = PaddedHLIP.from_encoder(model).train()
+    gen = torch.Generator().manual_seed(args.seed)
+
+    cases = {
+        "uniform": ([[args.fixed_depth] * 4] * args.studies, 4),
+        "ragged_brain_mri": (ragged_mix(gen, args.studies), args.padded_scans),
+    }
+    rows = []
+    for case, (depths, scans) in cases.items():
+        chunks = [depths[i : i + args.batch] for i in range(0, len(depths), args.batch)]
+        packed = [packed_step(model, c, args.in_plane, gen) for c in chunks]
+        padded_ = [padded_step(padded, c, args.fixed_depth, scans, args.in_plane, gen) for c in chunks]
+        times = {}
+        for name, steps in (("padded_hlip", padded_), ("hlip_fast", packed)):
+            print(f"[{case}] timing {name}: {len(steps)} steps x {args.repeats} repeats...", flush=True)
+            times[name] = time_per_study([fn for fn, _ in steps], len(depths), args.repeats)
+        rows.append(
+            {
+                "case": case,
+                "scans_per_study": [len(s) for s in depths],
+                "slices_per_scan": depths,
+                "tokens": {"padded_hlip": sum(t for _, t in padded_), "hlip_fast": sum(t for _, t in packed)},
+                "seconds_per_study": times,
+                "median_seconds_per_study": {k: median(v) for k, v in times.items()},
+                "speedup": median(times["padded_hlip"]) / median(times["hlip_fast"]),
+            }
+        )
+
+    header = ("case", "padded s/study", "hlip_fast s/study", "speed-up", "tokens padded/packed")
+    print("\n{:<18} {:>15} {:>18} {:>9} {:>21}".format(*header))
+    for r in rows:
+        m, t = r["median_seconds_per_study"], r["tokens"]
+        print(
+            f"{r['case']:<18} {m['padded_hlip']:>15.3f} {m['hlip_fast']:>18.3f} {r['speedup']:>8.2f}x "
+            f"{t['padded_hlip']:>10}/{t['hlip_fast']}"
+        )
+    config = {k: v for k, v in vars(args).items() if k != "no_write"}
+    if not args.no_write:
+        path = write_results("encoder_cpu", {"config": config, "results": rows})
+        print(f"\nwrote {path.relative_to(path.parents[2])}")
+
+
+if __name__ == "__main__":
+    main()
