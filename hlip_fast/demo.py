@@ -111,12 +111,20 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         requires_grad=True,
     )
-    results = {}
+    results, skipped = {}, {}
+    with torch.no_grad():
+        runs = available_backends(probe, probe, probe, layout, "study")
+    trains = available_backends(probe, probe, probe, layout, "study")
     for backend in list_backends():
+        if runs[backend] is not None:
+            skipped[backend] = runs[backend]
+            continue
         model.set_attention_backend(backend)
         fwd_ms, out = timed(forward, args.repeats)
-        trains = available_backends(probe, probe, probe, layout, "study")[backend] is None
-        bwd_ms, (_, grads) = timed(forward_backward, args.repeats) if trains else (None, (None, None))
+        if trains[backend] is None:
+            bwd_ms, (_, grads) = timed(forward_backward, args.repeats)
+        else:
+            bwd_ms, grads = None, None
         results[backend] = (fwd_ms, bwd_ms, out, grads)
 
     print(f"\nAgreement with the float64 reference; {cfg.embed_dim}-wide float32 model on {args.device}.")
@@ -129,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             bwd, grad_err = f"{bwd_ms:.1f}", f"{relative_error(grads, ref_grads):.1e}"
         print(f"{backend:<10} {fwd_ms:>8.1f} {bwd:>11} {out_err:>14} {grad_err:>13}")
     print("n/a: the backend has no backward on this device (flex's CPU path is forward-only).")
+    for backend, reason in skipped.items():
+        print(f"{backend}: not run here ({reason})")
     print(
         "\nTimes are medians of",
         args.repeats,

@@ -38,10 +38,7 @@ class LevelLayout:
     segment_ids: torch.Tensor
     seqlens: np.ndarray
     max_seqlen: int
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.seqlens)
+    num_segments: int
 
     @property
     def starts(self) -> np.ndarray:
@@ -55,7 +52,8 @@ class Layout:
 
     Host arrays (NumPy): ``grids`` ``(num_scans, 3)`` patch grid ``(d, h, w)`` per scan,
     ``scan_study`` study index per scan, ``scan_offsets`` ``(num_scans + 1)`` token offsets.
-    Device tensors: per level :class:`LevelLayout`; ``scan_study_index`` and
+    Plain ints (``num_tokens``, each level's ``num_segments``) keep ``torch.compile`` from
+    treating sizes as data. Device tensors: per level :class:`LevelLayout`; ``scan_study_index`` and
     ``scan_position`` (index of each scan within its study) as int64 for embedding look-ups;
     ``parents`` maps ``(fine, coarse)`` to the coarse segment of each fine segment.
     """
@@ -69,6 +67,7 @@ class Layout:
     scan_position: torch.Tensor
     parents: dict[tuple[str, str], torch.Tensor]
     child_counts: dict[tuple[str, str], torch.Tensor]
+    num_tokens: int
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
     """Per-layout memo for backends (bucket plans, block masks): built on first use, reused by
     every block of a step."""
@@ -139,15 +138,12 @@ class Layout:
             scan_position=torch.from_numpy(scan_position).to(device),
             parents=parents,
             child_counts=child_counts,
+            num_tokens=int(scan_offsets[-1]),
         )
 
     @property
     def device(self) -> torch.device:
         return self.scan_position.device
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.scan_offsets[-1])
 
     @property
     def num_scans(self) -> int:
@@ -184,6 +180,7 @@ class Layout:
                 segment_ids=move(lv.segment_ids),
                 seqlens=lv.seqlens,
                 max_seqlen=lv.max_seqlen,
+                num_segments=lv.num_segments,
             )
             for name, lv in self.levels.items()
         }
@@ -197,6 +194,7 @@ class Layout:
             scan_position=move(self.scan_position),
             parents={k: move(v) for k, v in self.parents.items()},
             child_counts={k: move(v) for k, v in self.child_counts.items()},
+            num_tokens=self.num_tokens,
         )
 
     def row_segment_ids(self, level: str, class_tokens: bool) -> torch.Tensor:
@@ -238,4 +236,5 @@ def _level_layout(seqlens: np.ndarray, device: torch.device) -> LevelLayout:
         segment_ids=torch.from_numpy(ids).to(device),
         seqlens=seqlens,
         max_seqlen=int(seqlens.max()),
+        num_segments=len(seqlens),
     )

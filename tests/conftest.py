@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Run hlip_fast's Triton kernels on CPU tensors. Must precede the kernels' import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def seed(request) -> int:

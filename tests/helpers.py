@@ -35,7 +35,7 @@ def random_rows(
     level: str,
     class_tokens: bool,
     heads: int = 2,
-    dim: int = 8,
+    dim: int = 16,
     dtype: torch.dtype = torch.float64,
     requires_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

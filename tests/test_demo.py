@@ -10,9 +10,13 @@ def test_demo_reports_levels_and_every_backend(capsys):
     out = capsys.readouterr().out
     for level in ("slice", "scan", "study"):
         assert f"\n{level} " in out
-    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    ran = [b for b in list_backends() if b in rows and len(rows[b]) == 5]
+    assert {"reference", "sdpa", "flex"} <= set(ran)
+    # Every backend that ran agrees with the float64 reference to float32 precision; the
+    # others are listed with the reason they could not run here.
     for backend in list_backends():
-        assert backend in lines
-    # Every backend agrees with the float64 reference to float32 precision.
-    for backend in list_backends():
-        assert float(lines[backend][3]) < 1e-4
+        if backend in ran:
+            assert float(rows[backend][3]) < 1e-4
+        else:
+            assert f"{backend}: not run here (" in out

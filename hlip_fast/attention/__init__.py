@@ -1,6 +1,6 @@
 """Hierarchical attention: the operation, its reference definition and its backends."""
 
-from . import flex, reference, sdpa
+from . import flex, reference, sdpa, triton_backend
 from .dispatch import (
     AUTO_ORDER,
     ENV_BACKEND,
@@ -10,9 +10,10 @@ from .dispatch import (
     hier_attention,
     list_backends,
     register_backend,
+    select_backend,
 )
 
-for _module in (reference, sdpa, flex):
+for _module in (reference, sdpa, flex, triton_backend):
     register_backend(_module.backend)
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "hier_attention",
     "list_backends",
     "register_backend",
+    "select_backend",
 ]

@@ -105,8 +105,16 @@ def hier_attention(
     """
     call = _make_call(q, k, v, layout, level, scale)
     chosen = _choose(call, backend)
-    logger.debug("hier_attention level=%s rows=%d backend=%s", level, q.shape[0], chosen.name)
+    if not torch.compiler.is_compiling():
+        logger.debug("hier_attention level=%s rows=%d backend=%s", level, q.shape[0], chosen.name)
     return chosen.run(call)
+
+
+def select_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, level: str, backend: str = "auto"
+) -> str:
+    """The name of the backend :func:`hier_attention` would run for these arguments."""
+    return _choose(_make_call(q, k, v, layout, level, None), backend).name
 
 
 def _make_call(q, k, v, layout: Layout, level: str, scale: float | None) -> AttentionCall:

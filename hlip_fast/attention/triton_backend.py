@@ -1,0 +1,125 @@
+"""The ``triton`` backend: hlip_fast's block-sparse flash-attention kernel as a torch custom op.
+
+The kernels (``hlip_fast.kernels.hier_attention``) take the packed rows as they are, class-token
+rows included, so no gather or padding happens around them. The forward and backward are
+registered as ``hlip_fast::hier_attn_fwd`` / ``hlip_fast::hier_attn_bwd`` custom ops with fake
+(meta) implementations, so the op composes with ``torch.compile`` and autograd.
+
+Runs on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before hlip_fast's kernels
+were imported (tests; slow; fp32/fp16 only, since the interpreter's bf16 arithmetic is wrong).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import AttentionCall, Backend, floating_dtype_reason
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRETER_DTYPES = (torch.float16, torch.float32)
+HEAD_DIMS = (16, 128)
+"""Smallest and largest head dimension the kernel accepts (64 and 128 are the tuned ones)."""
+
+
+def _kernels():
+    """Import the kernels on first use (importing triton costs time; CPU users may lack it)."""
+    from hlip_fast.kernels import hier_attention
+
+    return hier_attention
+
+
+@torch.compiler.assume_constant_result  # a fixed fact of the process, not traced by dynamo
+def _import_error() -> str | None:
+    try:
+        _kernels()
+    except Exception as err:  # noqa: BLE001 - any import failure means "unavailable", with why
+        return f"triton kernels unavailable: {type(err).__name__}: {err}"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _interpreted() -> bool:
+    return _kernels().INTERPRETED
+
+
+@torch.library.custom_op("hlip_fast::hier_attn_fwd", mutates_args=())
+def hier_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_seg: torch.Tensor,
+    cu: torch.Tensor,
+    num_class_rows: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().hier_attn_forward(q, k, v, row_seg, cu, num_class_rows, scale)
+
+
+@hier_attn_fwd.register_fake
+def _(q, k, v, row_seg, cu, num_class_rows, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("hlip_fast::hier_attn_bwd", mutates_args=())
+def hier_attn_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    row_seg: torch.Tensor,
+    cu: torch.Tensor,
+    num_class_rows: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().hier_attn_backward(grad_out, q, k, v, out, lse, row_seg, cu, num_class_rows, scale)
+
+
+@hier_attn_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, row_seg, cu, num_class_rows, scale):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, row_seg, cu, num_class_rows, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, row_seg, cu)
+    ctx.num_class_rows, ctx.scale = num_class_rows, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, row_seg, cu = ctx.saved_tensors
+    dq, dk, dv = hier_attn_bwd(grad_out, q, k, v, out, lse, row_seg, cu, ctx.num_class_rows, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+hier_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(call: AttentionCall) -> torch.Tensor:
+    class_rows = call.layout.num_segments(call.level) if call.class_tokens else 0
+    row_seg = call.layout.row_segment_ids(call.level, call.class_tokens)
+    cu = call.layout.level(call.level).cu_seqlens
+    out, _ = hier_attn_fwd(call.q, call.k, call.v, row_seg, cu, class_rows, call.scale)
+    return out
+
+
+def _unsupported_reason(call: AttentionCall) -> str | None:
+    if reason := _import_error():
+        return reason
+    head_dim = call.q.shape[-1]
+    if not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
+        return f"head_dim {head_dim} outside the kernel's range {HEAD_DIMS[0]}..{HEAD_DIMS[1]}"
+    if call.q.is_cuda:
+        if _interpreted():
+            return "the kernels were built for TRITON_INTERPRET=1, which runs CPU tensors only"
+        return floating_dtype_reason(call, _DTYPES)
+    if call.q.device.type == "cpu" and _interpreted():
+        return floating_dtype_reason(call, _INTERPRETER_DTYPES)
+    return f"needs CUDA (or TRITON_INTERPRET=1 for CPU tensors); got {call.q.device.type}"
+
+
+backend = Backend(name="triton", run=triton_attention, unsupported_reason=_unsupported_reason)

@@ -1,0 +1,88 @@
+"""hlip_fast's Triton kernel: custom-op registration, dtypes, head dims and edge cases.
+
+On the CPU it runs under ``TRITON_INTERPRET=1`` (set in conftest.py) with small shapes; the
+shared backend-vs-reference tests in test_attention.py cover it too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_layout, random_rows
+
+from hlip_fast import Layout, hier_attention
+from hlip_fast.attention import available_backends
+
+pytest.importorskip("triton")
+from hlip_fast.attention import triton_backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def op_inputs(layout: Layout, level: str, class_tokens: bool, dim: int = 16, dtype=torch.float32):
+    q, k, v = (t.to(DEVICE, dtype) for t in random_rows(layout, level, class_tokens, dim=dim))
+    layout = layout.to(DEVICE)
+    row_seg = layout.row_segment_ids(level, class_tokens)
+    cu = layout.level(level).cu_seqlens
+    class_rows = layout.num_segments(level) if class_tokens else 0
+    return q, k, v, row_seg, cu, class_rows, dim**-0.5
+
+
+def test_custom_op_passes_opcheck(rng):
+    """Fake (meta) implementation, schema and autograd registration agree with the kernel."""
+    layout = Layout.build([(1, 2, 3), (2, 1, 5)], [1, 1])
+    q, k, v, row_seg, cu, class_rows, scale = op_inputs(layout, "scan", True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(
+        triton_backend.hier_attn_fwd,
+        (q, k, v, row_seg, cu, class_rows, scale),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+def test_composes_with_torch_compile(rng):
+    layout = random_layout(rng, max_studies=2, max_scans=2).to(DEVICE)
+    q, k, v = (t.to(DEVICE, torch.float32) for t in random_rows(layout.to("cpu"), "study", True))
+
+    def attend(q, k, v):
+        return hier_attention(q, k, v, layout, "study", backend="triton")
+
+    expected = attend(q, k, v)  # eager first: fills the layout's per-level cache, as a step does
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(q, k, v), expected)
+
+
+@pytest.mark.parametrize("dim", [16, 80, 96])
+def test_head_dims_that_are_not_powers_of_two(dim, rng):
+    layout = Layout.build([(1, 3, 5), (2, 2, 2)], [2])
+    q, k, v = random_rows(layout, "scan", True, heads=1, dim=dim)
+    grad = torch.randn_like(q)
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = hier_attention(*refs, layout, "scan", backend="reference")
+    expected.backward(grad)
+    mine = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
+    out = hier_attention(*mine, layout.to(DEVICE), "scan", backend="triton")
+    out.backward(grad.to(DEVICE, torch.float32))
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(mine, refs):
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_float16(rng):
+    layout = random_layout(rng, max_studies=2)
+    q, k, v = random_rows(layout, "study", True)
+    expected = hier_attention(q, k, v, layout, "study", backend="reference")
+    half = [t.to(DEVICE, torch.float16) for t in (q, k, v)]
+    out = hier_attention(*half, layout.to(DEVICE), "study", backend="triton")
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_unsupported_inputs_say_why():
+    layout = Layout.build([(1, 2, 2)], [1])
+    q = torch.zeros(4, 1, 8)
+    assert "head_dim 8 outside" in available_backends(q, q, q, layout, "scan")["triton"]
+    q = torch.zeros(4, 1, 16, dtype=torch.float64)
+    assert "float64" in available_backends(q, q, q, layout, "scan")["triton"]
+    if DEVICE == "cpu":
+        q = torch.zeros(4, 1, 16, dtype=torch.bfloat16)
+        assert "bfloat16" in available_backends(q, q, q, layout, "scan")["triton"]
