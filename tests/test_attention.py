@@ -34,22 +34,30 @@ def run_backend(backend, q, k, v, layout, level, grad_out):
     return out.detach(), tuple(t.grad for t in (q, k, v))
 
 
-def supports_backward(backend: str, device: torch.device) -> bool:
-    return backend != "flex" or device.type == "cuda"
+def runnable(backend, q, k, v, layout, level) -> tuple[bool, bool]:
+    """Whether ``backend`` runs these inputs forward here (else the test skips, saying why) and
+    whether it also runs backward."""
+    with torch.no_grad():
+        reason = available_backends(q, k, v, layout, level)[backend]
+    if reason is not None:
+        pytest.skip(f"{backend} unavailable here: {reason}")
+    grads = [t.detach().requires_grad_() for t in (q, k, v)]
+    return True, available_backends(*grads, layout, level)[backend] is None
 
 
-def check_against_reference(backend, layout, level, class_tokens, dtype):
+def check_against_reference(backend, layout, level, class_tokens, dtype, device="cpu", tolerance=None):
     q, k, v = random_rows(layout, level, class_tokens)
     grad_out = torch.randn_like(q)
-    with_grad = supports_backward(backend, q.device)
     expected, expected_grads = run_backend("reference", q, k, v, layout, level, grad_out)
-    cast = [t.to(dtype) for t in (q, k, v)]
-    out, grads = run_backend(backend, *cast, layout, level, grad_out.to(dtype) if with_grad else None)
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+    layout = layout.to(device)
+    cast = [t.to(device, dtype) for t in (q, k, v)]
+    _, with_grad = runnable(backend, *cast, layout, level)
+    out, grads = run_backend(backend, *cast, layout, level, grad_out.to(device, dtype) if with_grad else None)
+    rtol, atol = tolerance or TOLERANCE[dtype]
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=rtol, atol=atol)
     if with_grad:
         for got, want in zip(grads, expected_grads):
-            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+            torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -96,7 +104,9 @@ def test_single_segment_equals_dense_attention(seed):
     q, k, v = random_rows(layout, "study", class_tokens=False, dtype=torch.float32)
     dense = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5, -1)
     expected = torch.einsum("hqk,khd->qhd", dense, v)
-    for backend in list_backends():
+    with torch.no_grad():
+        reasons = available_backends(q, k, v, layout, "study")
+    for backend in [b for b, reason in reasons.items() if reason is None]:
         out = hier_attention(q, k, v, layout, "study", backend=backend)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -120,7 +130,8 @@ def test_non_contiguous_inputs(rng):
         q.contiguous(), k.contiguous(), v.contiguous(), layout, "scan", backend="reference"
     )
     strided = qkv.float().unbind(1)  # fast backends in float32, still non-contiguous
-    for backend in FAST_BACKENDS:
+    reasons = available_backends(*strided, layout, "scan")
+    for backend in [b for b in FAST_BACKENDS if reasons[b] is None]:
         out = hier_attention(*strided, layout, "scan", backend=backend)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -205,16 +216,32 @@ def test_layout_on_another_device_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_backend_matches_reference_cuda(backend, dtype, rng):
-    for level in LEVELS:
-        layout = random_layout(rng, max_side=16).to("cuda")
-        q, k, v = (t.cuda() for t in random_rows(layout.to("cpu"), level, True, dim=32))
-        grad_out = torch.randn_like(q)
-        expected, expected_grads = run_backend("reference", q, k, v, layout, level, grad_out)
-        out, grads = run_backend(
-            backend, *(t.to(dtype) for t in (q, k, v)), layout, level, grad_out.to(dtype)
-        )
-        rtol, atol = (1e-3, 1e-3) if dtype == torch.float32 else TOLERANCE[dtype]  # tf32 allowed
-        torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
-        for got, want in zip(grads, expected_grads):
-            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+@pytest.mark.parametrize("level", LEVELS)
+def test_backend_matches_reference_cuda(backend, dtype, level, rng):
+    layout = random_layout(rng, max_side=16)
+    tolerance = (1e-3, 1e-3) if dtype == torch.float32 else None  # tf32 allowed on the GPU
+    check_against_reference(backend, layout, level, True, dtype, device="cuda", tolerance=tolerance)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("class_tokens", [False, True])
+def test_varlen_plan_makes_segments_contiguous(level, class_tokens, rng):
+    """The gather plan of the flash/torch_varlen/xformers backends, checked on the CPU with a
+    plain per-segment attention standing in for their CUDA kernels."""
+    from hlip_fast.attention.dispatch import _make_call
+    from hlip_fast.attention.varlen import run_varlen
+
+    def contiguous_attention(q, k, v, plan, scale):
+        cu = plan.cu_seqlens.tolist()
+        assert cu[-1] == q.shape[0] and max(b - a for a, b in zip(cu[:-1], cu[1:])) == plan.max_seqlen
+        parts = []
+        for a, b in zip(cu[:-1], cu[1:]):
+            weights = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * scale, -1)
+            parts.append(torch.einsum("hqk,khd->qhd", weights, v[a:b]))
+        return torch.cat(parts)
+
+    layout = random_layout(rng)
+    q, k, v = random_rows(layout, level, class_tokens)
+    out = run_varlen(_make_call(q, k, v, layout, level, None), contiguous_attention)
+    expected = hier_attention(q, k, v, layout, level, backend="reference")
+    torch.testing.assert_close(out, expected)

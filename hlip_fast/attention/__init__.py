@@ -1,6 +1,6 @@
 """Hierarchical attention: the operation, its reference definition and its backends."""
 
-from . import flex, reference, sdpa, triton_backend
+from . import flex, reference, sdpa, triton_backend, varlen
 from .dispatch import (
     AUTO_ORDER,
     ENV_BACKEND,
@@ -13,8 +13,16 @@ from .dispatch import (
     select_backend,
 )
 
-for _module in (reference, sdpa, flex, triton_backend):
-    register_backend(_module.backend)
+for _backend in (
+    reference.backend,
+    sdpa.backend,
+    flex.backend,
+    triton_backend.backend,
+    varlen.flash_backend,
+    varlen.torch_varlen_backend,
+    varlen.xformers_backend,
+):
+    register_backend(_backend)
 
 __all__ = [
     "AUTO_ORDER",
