@@ -10,6 +10,7 @@ from helpers import random_layout, random_rows
 
 from hlip_fast import LEVELS, Layout, hier_attention, list_backends
 from hlip_fast.attention import available_backends, select_backend
+from hlip_fast.attention.dispatch import _make_call
 
 FAST_BACKENDS = [b for b in list_backends() if b != "reference"]
 # Per dtype: (rtol, atol) against a float64 reference.
@@ -228,7 +229,6 @@ def test_backend_matches_reference_cuda(backend, dtype, level, rng):
 def test_varlen_plan_makes_segments_contiguous(level, class_tokens, rng):
     """The gather plan of the flash/torch_varlen/xformers backends, checked on the CPU with a
     plain per-segment attention standing in for their CUDA kernels."""
-    from hlip_fast.attention.dispatch import _make_call
     from hlip_fast.attention.varlen import run_varlen
 
     def contiguous_attention(q, k, v, plan, scale):
@@ -245,3 +245,26 @@ def test_varlen_plan_makes_segments_contiguous(level, class_tokens, rng):
     out = run_varlen(_make_call(q, k, v, layout, level, None), contiguous_attention)
     expected = hier_attention(q, k, v, layout, level, backend="reference")
     torch.testing.assert_close(out, expected)
+
+
+def test_auto_follows_the_measured_table(caplog, rng):
+    """A table entry ranks backends for its device type, dtype, head dim and segment length."""
+    from hlip_fast.attention import auto
+
+    table = (
+        {"device_type": "cpu", "dtype": "float32", "head_dim": 16, "seqlen": 8, "ranking": ["flex", "sdpa"]},
+        {"device_type": "cpu", "dtype": "float32", "head_dim": 16, "seqlen": 4096, "ranking": ["reference"]},
+        {"device_type": "cuda", "dtype": "float32", "head_dim": 16, "seqlen": 8, "ranking": ["triton"]},
+    )
+    layout = Layout.build([(1, 2, 2), (1, 1, 3)], [1, 1])
+    q, k, v = random_rows(layout, "scan", True, dtype=torch.float32)
+    call = _make_call(q, k, v, layout, "scan", None)
+    assert auto.ranked_backends(call, table) == ("flex", "sdpa", "sdpa")
+    assert auto.ranked_backends(
+        _make_call(q.double(), k.double(), v.double(), layout, "scan", None), table
+    ) == ("sdpa",)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(auto, "load_table", lambda: table)
+        assert select_backend(q, k, v, layout, "scan") == "flex"  # forward: ranked first
+        grads = [t.requires_grad_() for t in (q, k, v)]
+        assert select_backend(*grads, layout, "scan") == "sdpa"  # flex has no CPU backward

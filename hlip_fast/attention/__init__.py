@@ -2,7 +2,6 @@
 
 from . import flex, reference, sdpa, triton_backend, varlen
 from .dispatch import (
-    AUTO_ORDER,
     ENV_BACKEND,
     AttentionCall,
     Backend,
@@ -25,7 +24,6 @@ for _backend in (
     register_backend(_backend)
 
 __all__ = [
-    "AUTO_ORDER",
     "ENV_BACKEND",
     "AttentionCall",
     "Backend",

@@ -1,8 +1,8 @@
 """``hier_attention``: one operation, several backends, one dispatcher.
 
 Each backend declares what it supports through ``unsupported_reason``; the dispatcher runs the
-requested backend or, for ``"auto"``, the first supported one in :data:`AUTO_ORDER`. When none
-fits, the error lists every backend's reason.
+requested backend or, for ``"auto"``, the first supported one in the measured ranking of
+:mod:`hlip_fast.attention.auto`. When none fits, the error lists every backend's reason.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import Layout, check_level
+from .auto import ranked_backends
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,6 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-
-AUTO_ORDER: tuple[str, ...] = ("sdpa",)
-"""Backends ``"auto"`` tries, in order. Only ``sdpa`` until measured tables rank the others."""
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -158,11 +156,11 @@ def _choose(call: AttentionCall, backend: str) -> Backend:
         if reason is not None:
             raise RuntimeError(f"attention backend {backend!r} cannot run this call: {reason}")
         return _BACKENDS[backend]
-    for name in AUTO_ORDER:
+    for name in ranked_backends(call):
         if name in _BACKENDS and _BACKENDS[name].unsupported_reason(call) is None:
             return _BACKENDS[name]
     reasons = "\n".join(
-        f"  {name}: {b.unsupported_reason(call) or 'not in the auto order'}"
+        f"  {name}: {b.unsupported_reason(call) or 'not ranked for this call'}"
         for name, b in sorted(_BACKENDS.items())
     )
     raise RuntimeError(f"no attention backend supports this call:\n{reasons}")
