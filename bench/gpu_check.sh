@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (run through the device tool on an H200; builds nothing):
+#   GPU tests, then bench/attention.py (which also writes the auto-dispatch ranking),
+#   results to $OUT (default bench/results/gpu_check). Budget: under 8 minutes.
+#
+# Optional backends travel as wheels in .whl/ (ignored by git; see the device README), e.g.
+#   flash-attn-4 and its dependencies for Python 3.12, xformers for torch 2.11 + CUDA 13.
+# Call:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu_check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+site=/tmp/hlip_site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$site" . || exit 1
+export PYTHONPATH="$site:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+# 1. GPU tests: every backend against the reference on CUDA, then the kernel's own tests.
+#    (-P: import hlip_fast from the install above, where kernels/ maps to hlip_fast.kernels.)
+pytest=(timeout 120 python3 -P -m pytest -q -p no:cacheprovider)
+{ "${pytest[@]}" -m gpu tests; "${pytest[@]}" tests/test_triton_kernel.py; } 2>&1 | tee "$OUT/gpu_tests.log"
+
+# 2. The attention benchmark; --install-table writes hlip_fast/attention/auto_table.json.
+cd bench
+timeout 300 python3 attention.py --install-table 2>&1 | tee "$OUT/attention.log"
+cd ..
+cp bench/results/attention_gpu_* "$OUT"/ 2>/dev/null
+cp hlip_fast/attention/auto_table.json "$OUT"/ 2>/dev/null
+ls -l "$OUT"
