@@ -23,7 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, machine, measure, median, write_results
+from common import REPO, RESULTS, machine, measure, median, write_results
 
 from hlip_fast import Layout, hier_attention, list_backends
 from hlip_fast.attention import auto, available_backends
@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     plotted = plot(rows, path.with_suffix(".png"), tag)
     extra = " and a .png plot" if plotted else ""
     print(f"\nwrote {path.name}, {path.with_suffix('.csv').name}{extra} in {RESULTS}")
-    if args.install_table:
-        auto.TABLE_PATH.write_text(json.dumps({"measured_by": path.name, "entries": table}, indent=2) + "\n")
-        print(f"installed the ranking into {auto.TABLE_PATH}")
+    if args.install_table:  # into this checkout's source, to be committed
+        installed = REPO / "hlip_fast" / "attention" / auto.TABLE_PATH.name
+        installed.write_text(json.dumps({"measured_by": path.name, "entries": table}, indent=2) + "\n")
+        print(f"installed the ranking into {installed.relative_to(REPO)}")
 
 
 def print_table(rows: list[dict]) -> None:
