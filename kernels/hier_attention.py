@@ -5,16 +5,18 @@ of a level's layout followed by ``S`` class-token rows, one per segment. ``row_s
 ``rows``) gives every row's segment; ``cu`` (int32, ``S + 1``) the patch-row boundaries. Two rows
 attend to each other exactly when their segments match.
 
-Each program owns one tile of ``BLOCK_M`` rows of one head, either in the patch region
-``[0, N)`` or in the class region ``[N, N + S)`` (tiles never straddle the two). A tile covers the
-segments ``lo..hi`` of its first and last rows, so its partners are the patch rows
-``cu[lo]..cu[hi + 1]`` and the class rows ``N + lo..N + hi + 1``: only those key tiles are
-visited, and a key tile that spans a segment boundary is masked by segment id. Short segments
-therefore share tiles instead of each padding to one. The relation is symmetric, so the
-backward's key-side kernel walks its query partners with the same ranges.
+Each program owns one tile of rows of one head, either in the patch region ``[0, N)`` or in the
+class region ``[N, N + S)`` (tiles never straddle the two). A tile covers the segments
+``lo..hi`` of its first and last rows, so its partners are the patch rows ``cu[lo]..cu[hi + 1]``
+and the class rows ``N + lo..N + hi + 1``: only those tiles are visited, and a tile that spans a
+segment boundary is masked by segment id. Short segments therefore share tiles instead of each
+padding to one. The relation is symmetric, so the backward's key-side kernel walks its query
+partners with the same ranges.
 
 Softmax runs in base 2 with fp32 accumulation; the forward saves the base-2 log-sum-exp.
+Written against the triton 3.6 API, without ``tl.make_block_ptr`` (gone in 3.9).
 """
+# Kernel signatures are kept compact by hand: this file is excluded from ruff format.
 
 from __future__ import annotations
 
@@ -25,28 +27,31 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _partner_ranges(row_seg, cu, row0, row_end, N, S, BLOCK_M: tl.constexpr):
-    """Patch-row and class-row ranges of the segments covered by rows ``row0..row0+BLOCK_M``.
-
-    Without class rows (``S == 0``) the class range is empty.
-    """
-    lo = tl.load(row_seg + row0)
-    hi = tl.load(row_seg + tl.minimum(row0 + BLOCK_M, row_end) - 1)
-    class_rows = tl.where(S > 0, hi - lo + 1, 0)
-    return tl.load(cu + lo), tl.load(cu + hi + 1), N + lo, N + lo + class_rows
+def _tile_origin(pid, N, S, BLOCK: tl.constexpr):
+    """First row and region end of tile ``pid``: patch tiles first, then class tiles."""
+    patch_tiles = tl.cdiv(N, BLOCK)
+    if pid < patch_tiles:
+        row0 = pid * BLOCK
+        row_end = N
+    else:
+        row0 = N + (pid - patch_tiles) * BLOCK
+        row_end = N + S
+    return row0, row_end
 
 
 @triton.jit
-def _tile_origin(pid, N, S, BLOCK_M: tl.constexpr):
-    """First row and region end of tile ``pid``: patch tiles first, then class tiles."""
-    patch_tiles = tl.cdiv(N, BLOCK_M)
-    if pid < patch_tiles:
-        row0 = pid * BLOCK_M
-        row_end = N
+def _partner_range(row_seg, cu, row0, row_end, N, S, WHICH: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows that the segments of rows ``row0..row0+BLOCK`` attend to: their patch rows
+    (``WHICH == 0``) or their class rows (``WHICH == 1``, empty when ``S == 0``)."""
+    lo = tl.load(row_seg + row0)
+    hi = tl.load(row_seg + tl.minimum(row0 + BLOCK, row_end) - 1)
+    if WHICH == 0:
+        start = tl.load(cu + lo)
+        end = tl.load(cu + hi + 1)
     else:
-        row0 = N + (pid - patch_tiles) * BLOCK_M
-        row_end = N + S
-    return row0, row_end
+        start = N + lo
+        end = N + lo + tl.where(S > 0, hi - lo + 1, 0)
+    return start, end
 
 
 @triton.jit
@@ -56,69 +61,17 @@ def _load_rows(base, rows, row_ok, stride_t, offs_d, D):
 
 
 @triton.jit
-def _forward_range(
-    acc,
-    m_i,
-    l_i,
-    q,
-    seg_q,
-    K,
-    V,
-    row_seg,
-    start,
-    end,
-    stride_kt,
-    stride_vt,
-    offs_d,
-    D,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        seg_k = tl.load(row_seg + cols, mask=col_ok, other=-2)
-        k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        v = _load_rows(V, cols, col_ok, stride_vt, offs_d, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-    return acc, m_i, l_i
+def _store_rows(base, values, rows, row_ok, stride_t, offs_d, D):
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(base + rows[:, None] * stride_t + offs_d[None, :], values.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def hier_attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    LSE,
-    row_seg,
-    cu,
-    N,
-    S,
-    D,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_ot,
-    stride_oh,
-    stride_lh,
+    Q, K, V, Out, LSE, row_seg, cu, N, S, D,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     qk_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
     row0, row_end = _tile_origin(pid, N, S, BLOCK_M)
@@ -134,128 +87,34 @@ def hier_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    patch_lo, patch_hi, cls_lo, cls_hi = _partner_ranges(row_seg, cu, row0, row_end, N, S, BLOCK_M)
-    acc, m_i, l_i = _forward_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        seg_q,
-        K,
-        V,
-        row_seg,
-        patch_lo,
-        patch_hi,
-        stride_kt,
-        stride_vt,
-        offs_d,
-        D,
-        qk_scale,
-        BLOCK_N,
-        PRECISION,
-    )
-    acc, m_i, l_i = _forward_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        seg_q,
-        K,
-        V,
-        row_seg,
-        cls_lo,
-        cls_hi,
-        stride_kt,
-        stride_vt,
-        offs_d,
-        D,
-        qk_scale,
-        BLOCK_N,
-        PRECISION,
-    )
+    for which in tl.static_range(2):  # the covered segments' patch rows, then their class rows
+        start, end = _partner_range(row_seg, cu, row0, row_end, N, S, which, BLOCK_M)
+        for start_n in range(start, end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < end
+            seg_k = tl.load(row_seg + cols, mask=col_ok, other=-2)
+            k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no partner yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = _load_rows(V, cols, col_ok, stride_vt, offs_d, D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    Out += head * stride_oh
-    mask = row_ok[:, None] & (offs_d[None, :] < D)
-    tl.store(Out + rows[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
+    _store_rows(Out + head * stride_oh, acc / l_safe[:, None], rows, row_ok, stride_ot, offs_d, D)
     tl.store(LSE + head * stride_lh + rows, m_i + tl.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
-def _dkdv_range(
-    dk,
-    dv,
-    k,
-    v,
-    seg_k,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    row_seg,
-    start,
-    end,
-    stride_qt,
-    stride_dot,
-    offs_d,
-    D,
-    qk_scale,
-    BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    for start_m in range(start, end, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        seg_q = tl.load(row_seg + rows, mask=row_ok, other=-2)
-        q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, D)
-        do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, D)
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        # Transposed scores: keys along axis 0, queries along axis 1.
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
-        p_t = tl.where(seg_k[:, None] == seg_q[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
 def hier_attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    row_seg,
-    cu,
-    N,
-    S,
-    D,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_dot,
-    stride_doh,
-    stride_dkt,
-    stride_dkh,
-    stride_dvt,
-    stride_dvh,
-    stride_lh,
-    qk_scale,
-    sm_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV, row_seg, cu, N, S, D,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
     col0, col_end = _tile_origin(pid, N, S, BLOCK_N)
@@ -263,199 +122,73 @@ def hier_attn_bwd_dkdv_kernel(
     col_ok = cols < col_end
     offs_d = tl.arange(0, BLOCK_D)
     Q += head * stride_qh
-    K += head * stride_kh
-    V += head * stride_vh
     DO += head * stride_doh
     LSE += head * stride_lh
     DELTA += head * stride_lh
     seg_k = tl.load(row_seg + cols, mask=col_ok, other=-1)
-    k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
-    v = _load_rows(V, cols, col_ok, stride_vt, offs_d, D)
+    k = _load_rows(K + head * stride_kh, cols, col_ok, stride_kt, offs_d, D)
+    v = _load_rows(V + head * stride_vh, cols, col_ok, stride_vt, offs_d, D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    patch_lo, patch_hi, cls_lo, cls_hi = _partner_ranges(row_seg, cu, col0, col_end, N, S, BLOCK_N)
-    dk, dv = _dkdv_range(
-        dk,
-        dv,
-        k,
-        v,
-        seg_k,
-        Q,
-        DO,
-        LSE,
-        DELTA,
-        row_seg,
-        patch_lo,
-        patch_hi,
-        stride_qt,
-        stride_dot,
-        offs_d,
-        D,
-        qk_scale,
-        BLOCK_M,
-        PRECISION,
-    )
-    dk, dv = _dkdv_range(
-        dk,
-        dv,
-        k,
-        v,
-        seg_k,
-        Q,
-        DO,
-        LSE,
-        DELTA,
-        row_seg,
-        cls_lo,
-        cls_hi,
-        stride_qt,
-        stride_dot,
-        offs_d,
-        D,
-        qk_scale,
-        BLOCK_M,
-        PRECISION,
-    )
-    mask = col_ok[:, None] & (offs_d[None, :] < D)
-    DK += head * stride_dkh
-    DV += head * stride_dvh
-    tl.store(
-        DK + cols[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=mask
-    )
-    tl.store(DV + cols[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dq_range(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    seg_q,
-    K,
-    V,
-    row_seg,
-    start,
-    end,
-    stride_kt,
-    stride_vt,
-    offs_d,
-    D,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        seg_k = tl.load(row_seg + cols, mask=col_ok, other=-2)
-        k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
-        v = _load_rows(V, cols, col_ok, stride_vt, offs_d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(seg_q[:, None] == seg_k[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
+    for which in tl.static_range(2):  # query partners: patch rows, then class rows
+        start, end = _partner_range(row_seg, cu, col0, col_end, N, S, which, BLOCK_N)
+        for start_m in range(start, end, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            seg_q = tl.load(row_seg + rows, mask=row_ok, other=-2)
+            q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, D)
+            do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, D)
+            lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            # Transposed scores: keys along axis 0, queries along axis 1.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            p_t = tl.exp2(s_t - lse[None, :])
+            p_t = tl.where(seg_k[:, None] == seg_q[None, :], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    _store_rows(DK + head * stride_dkh, dk * sm_scale, cols, col_ok, stride_dkt, offs_d, D)
+    _store_rows(DV + head * stride_dvh, dv, cols, col_ok, stride_dvt, offs_d, D)
 
 
 @triton.jit
 def hier_attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    row_seg,
-    cu,
-    N,
-    S,
-    D,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_dot,
-    stride_doh,
-    stride_dqt,
-    stride_dqh,
-    stride_lh,
-    qk_scale,
-    sm_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, row_seg, cu, N, S, D,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
     row0, row_end = _tile_origin(pid, N, S, BLOCK_M)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     offs_d = tl.arange(0, BLOCK_D)
-    Q += head * stride_qh
     K += head * stride_kh
     V += head * stride_vh
-    DO += head * stride_doh
     seg_q = tl.load(row_seg + rows, mask=row_ok, other=-1)
-    q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, D)
-    do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, D)
+    q = _load_rows(Q + head * stride_qh, rows, row_ok, stride_qt, offs_d, D)
+    do = _load_rows(DO + head * stride_doh, rows, row_ok, stride_dot, offs_d, D)
     lse = tl.load(LSE + head * stride_lh + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + head * stride_lh + rows, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    patch_lo, patch_hi, cls_lo, cls_hi = _partner_ranges(row_seg, cu, row0, row_end, N, S, BLOCK_M)
-    dq = _dq_range(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        seg_q,
-        K,
-        V,
-        row_seg,
-        patch_lo,
-        patch_hi,
-        stride_kt,
-        stride_vt,
-        offs_d,
-        D,
-        qk_scale,
-        BLOCK_N,
-        PRECISION,
-    )
-    dq = _dq_range(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        seg_q,
-        K,
-        V,
-        row_seg,
-        cls_lo,
-        cls_hi,
-        stride_kt,
-        stride_vt,
-        offs_d,
-        D,
-        qk_scale,
-        BLOCK_N,
-        PRECISION,
-    )
-    mask = row_ok[:, None] & (offs_d[None, :] < D)
-    DQ += head * stride_dqh
-    tl.store(
-        DQ + rows[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask
-    )
+    for which in tl.static_range(2):  # key partners: patch rows, then class rows
+        start, end = _partner_range(row_seg, cu, row0, row_end, N, S, which, BLOCK_M)
+        for start_n in range(start, end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < end
+            seg_k = tl.load(row_seg + cols, mask=col_ok, other=-2)
+            k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
+            v = _load_rows(V, cols, col_ok, stride_vt, offs_d, D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(seg_q[:, None] == seg_k[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    _store_rows(DQ + head * stride_dqh, dq * sm_scale, rows, row_ok, stride_dqt, offs_d, D)
 
 
 # ---------------------------------------------------------------------------------------------
