@@ -1,0 +1,108 @@
+"""Decoded integer scans → model input, with HLIP's training-time augmentation.
+
+Random choices are drawn on the host from a generator seeded by (seed, epoch, study id), and
+applied with torch ops on whatever device the scans are on: the CPU reader and a GPU reader
+give the same tensors for the same study and epoch.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .shards import RawStudy
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How stored scans become model input.
+
+    Values map ``[0, max]`` integers to ``[0, 1]``, then ``(x - mean) / std``. Training draws:
+    scan order (``shuffle_scans``), at most ``max_scans`` scans, report sentence order
+    (``shuffle_sentences``), a random ``crop`` ``(h, w)`` in-plane and ``max_depth`` window
+    (centred in evaluation), flips along ``flip_axes`` (0 depth, 1 rows, 2 columns; off by
+    default because reports name sides), and intensity ``jitter`` (scale ``1 ± j``, shift ``± j``).
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+    shuffle_scans: bool = True
+    max_scans: int | None = None
+    shuffle_sentences: bool = True
+    crop: tuple[int, int] | None = None
+    max_depth: int | None = None
+    flip_axes: tuple[int, ...] = ()
+    jitter: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class Study:
+    """One decoded study: scans ``(D, H, W)`` float32 on the reader's device, report, labels."""
+
+    study_id: str
+    scans: list[torch.Tensor]
+    report: str
+    labels: dict = field(default_factory=dict)
+
+    def tokens(self, patch_size: tuple[int, int, int]) -> int:
+        pd, ph, pw = patch_size
+        return sum(-(-s.shape[0] // pd) * (s.shape[1] // ph) * (s.shape[2] // pw) for s in self.scans)
+
+
+def study_rng(config: ReaderConfig, epoch: int, study_id: str) -> np.random.Generator:
+    return np.random.default_rng([config.seed, epoch, zlib.crc32(study_id.encode())])
+
+
+def _window(size: int, want: int | None, rng: np.random.Generator | None) -> slice:
+    if want is None or size <= want:
+        return slice(0, size)
+    start = int(rng.integers(0, size - want + 1)) if rng is not None else (size - want) // 2
+    return slice(start, start + want)
+
+
+def to_study(
+    raw: RawStudy, scans: list[torch.Tensor], config: ReaderConfig, train: bool, epoch: int
+) -> Study:
+    """Normalise (and in training augment) the decoded integer ``scans`` of ``raw``."""
+    rng = study_rng(config, epoch, raw.study_id) if train else None
+    order = list(range(len(scans)))
+    if rng is not None and config.shuffle_scans:
+        order = list(rng.permutation(len(scans)))
+    if config.max_scans is not None:
+        order = order[: config.max_scans]
+    scale = 1.0 / float(np.iinfo(raw.meta["dtype"]).max)
+    out = []
+    for i in order:
+        scan = scans[i]
+        h, w = config.crop or scan.shape[1:]
+        window = (
+            _window(scan.shape[0], config.max_depth, rng),
+            _window(scan.shape[1], h, rng),
+            _window(scan.shape[2], w, rng),
+        )
+        x = scan[window].to(torch.float32) * scale
+        if rng is not None:
+            dims = [axis for axis in config.flip_axes if rng.random() < 0.5]
+            if dims:
+                x = torch.flip(x, dims)
+            if config.jitter:
+                gain, shift = (
+                    rng.uniform(1 - config.jitter, 1 + config.jitter),
+                    rng.uniform(-config.jitter, config.jitter),
+                )
+                x = x * float(gain) + float(shift)
+        out.append(
+            (x - config.mean) / config.std if (config.mean, config.std) != (0.0, 1.0) else x.contiguous()
+        )
+    report = raw.meta["report"]
+    if rng is not None and config.shuffle_sentences:
+        sentences = _SENTENCE_END.split(report.strip())
+        report = " ".join(sentences[i] for i in rng.permutation(len(sentences)))
+    return Study(raw.study_id, out, report, dict(raw.meta.get("labels", {})))
