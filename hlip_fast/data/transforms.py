@@ -77,7 +77,7 @@ def to_study(
         order = list(rng.permutation(len(scans)))
     if config.max_scans is not None:
         order = order[: config.max_scans]
-    scale = 1.0 / float(np.iinfo(raw.meta["dtype"]).max)
+    top = float(np.iinfo(raw.meta["dtype"]).max)
     out = []
     for i in order:
         scan = scans[i]
@@ -87,7 +87,7 @@ def to_study(
             _window(scan.shape[1], h, rng),
             _window(scan.shape[2], w, rng),
         )
-        x = scan[window].to(torch.float32) * scale
+        x = scan[window].to(torch.float32) / top
         if rng is not None:
             dims = [axis for axis in config.flip_axes if rng.random() < 0.5]
             if dims:

@@ -1,0 +1,145 @@
+"""CPU reader, augmentation, token-budget batching and collation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from hlip_fast import pack_studies
+from hlip_fast.data import PrepareConfig
+from hlip_fast.data.batching import TokenBudget, collate
+from hlip_fast.data.codec import decompress_slices
+from hlip_fast.data.reader import BatchConfig, RawStudies, StudyBatches, cpu_loader, decode_cpu
+from hlip_fast.data.synth import SIZES, synthesize
+from hlip_fast.data.transforms import ReaderConfig, Study, to_study
+
+PATCH = (4, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    config = replace(SIZES["tiny"], num_studies=14, max_scans=4)
+    synthesize(root, config, PrepareConfig(studies_per_shard=4), progress=False)
+    return root
+
+
+def ids(studies) -> list[str]:
+    return [s.study_id for s in studies]
+
+
+def test_eval_decodes_exactly_and_deterministically(corpus):
+    raw = list(RawStudies(corpus))
+    assert len(raw) == 14
+    first = list(StudyBatches(RawStudies(corpus)).studies())
+    second = list(StudyBatches(RawStudies(corpus)).studies())
+    for r, a, b in zip(raw, first, second):
+        volume = decompress_slices(r.blob, r.sizes, (32, 32), "uint8")
+        expected = torch.split(torch.from_numpy(volume).float() / 255.0, r.depths)
+        assert a.study_id == r.study_id and a.report == r.meta["report"] and a.labels == r.meta["labels"]
+        for x, y, z in zip(a.scans, b.scans, expected):
+            assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_train_augmentation_seeded_per_epoch(corpus):
+    config = ReaderConfig(crop=(24, 16), max_depth=8, flip_axes=(0, 2), jitter=0.1, max_scans=2, seed=5)
+    raw = next(iter(RawStudies(corpus)))
+    scans = decode_cpu(raw)
+    a, b = to_study(raw, scans, config, True, 0), to_study(raw, scans, config, True, 0)
+    c = to_study(raw, scans, config, True, 1)
+    assert a.report == b.report and all(torch.equal(x, y) for x, y in zip(a.scans, b.scans))
+    assert all(s.shape[1:] == (24, 16) and s.shape[0] <= 8 for s in a.scans) and len(a.scans) <= 2
+    assert sorted(a.report.split(". ")) != [] and set(a.report.replace(".", "").split()) == set(
+        raw.meta["report"].replace(".", "").split()
+    )
+    differs = (
+        a.report != c.report
+        or any(not torch.equal(x, y) for x, y in zip(a.scans, c.scans))
+        or len(a.scans) != len(c.scans)
+    )
+    assert differs
+    evaluated = to_study(raw, scans, config, False, 0)
+    assert all(s.shape[1:] == (24, 16) for s in evaluated.scans) and evaluated.report == raw.meta["report"]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_rank_and_worker_sharding_cover_every_study_once(corpus, train):
+    everything = ids(RawStudies(corpus))
+    for world in (2, 3, 5):  # 4 shards: round-robin shards for 2 and 3, study-level split for 5
+        parts = [
+            ids(RawStudies(corpus, train=train, rank=r, world_size=world, shuffle_buffer=3))
+            for r in range(world)
+        ]
+        assert sorted(sum(parts, [])) == sorted(everything)
+    loaded = [
+        s
+        for b in cpu_loader(StudyBatches(RawStudies(corpus), batching=BatchConfig(PATCH, 300)), num_workers=2)
+        for s in b.study_ids
+    ]
+    assert sorted(loaded) == sorted(everything)
+
+
+def test_shuffle_depends_on_epoch(corpus):
+    dataset = RawStudies(corpus, train=True, shuffle_buffer=4, seed=1)
+    epoch0, again = ids(dataset), ids(dataset)
+    dataset.set_epoch(1)
+    assert epoch0 == again and ids(dataset) != epoch0 and sorted(ids(dataset)) == sorted(epoch0)
+
+
+def test_corrupt_shard_named_or_skipped(corpus, tmp_path):
+    shards = sorted(corpus.glob("shard-*.tar"))
+    broken = tmp_path / "broken.tar"
+    data = shards[1].read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="broken.tar"):
+        list(RawStudies([shards[0], broken, shards[2]]))
+    reader = RawStudies([shards[0], broken, shards[2]], on_error="skip")
+    kept = ids(reader)
+    assert set(ids(RawStudies([shards[0], shards[2]]))) <= set(kept) and len(reader.errors) == 1
+
+
+def fake_study(name: str, depths: list[int], rng) -> Study:
+    return Study(
+        name,
+        [torch.from_numpy(rng.random((d, 16, 16), dtype=np.float32)) for d in depths],
+        f"report {name}",
+        {"a": 1},
+    )
+
+
+def test_token_budget_keeps_every_study_and_the_budget(seed, caplog):
+    rng = np.random.default_rng(seed)
+    studies = [
+        fake_study(f"s{i}", list(rng.integers(1, 17, size=int(rng.integers(1, 5)))), rng) for i in range(40)
+    ]
+    studies.append(fake_study("huge", [64, 64], rng))  # 2 * 16 * 4 = 128 tokens > 100
+    budget = TokenBudget(100, PATCH, max_studies=5, group_size=8)
+    with caplog.at_level(logging.WARNING):
+        steps = list(budget(studies))
+    assert sorted(s.study_id for step in steps for s in step) == sorted(ids(studies))
+    for step in steps:
+        tokens = sum(s.tokens(PATCH) for s in step)
+        assert len(step) <= 5 and (tokens <= 100 or [s.study_id for s in step] == ["huge"])
+    assert "huge" in caplog.text and 0 < budget.mean_fill <= 1.3
+    cropped = list(TokenBudget(100, PATCH, oversize="crop")([studies[-1]]))
+    assert cropped[0][0].tokens(PATCH) <= 100
+
+
+def test_collate_matches_pack_studies(seed):
+    rng = np.random.default_rng(seed)
+    studies = [fake_study("x", [5, 8], rng), fake_study("y", [3], rng)]
+    studies[1].labels = {"b": 0}
+    batch = collate(studies, PATCH, pad_value=-1.0, max_tokens=64)
+    padded = [
+        [torch.cat([s, torch.full((-s.shape[0] % 4, 16, 16), -1.0)]) for s in st.scans] for st in studies
+    ]
+    expected = pack_studies(padded, PATCH)
+    assert torch.equal(batch.studies.patches, expected.patches)
+    assert batch.label_names == ("a", "b") and batch.labels.tolist() == [[1, -1], [-1, 0]]
+    assert batch.fill == pytest.approx(expected.layout.num_tokens / 64)
+    with pytest.raises(ValueError, match="study x"):
+        collate([Study("x", [torch.zeros(4, 12, 16)], "r")], PATCH)
