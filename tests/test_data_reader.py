@@ -143,3 +143,40 @@ def test_collate_matches_pack_studies(seed):
     assert batch.fill == pytest.approx(expected.layout.num_tokens / 64)
     with pytest.raises(ValueError, match="study x"):
         collate([Study("x", [torch.zeros(4, 12, 16)], "r")], PATCH)
+
+
+def test_dali_reader_matches_cpu_reader(corpus):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install hlip-fast[dali])")
+    from hlip_fast.data.dali import DaliStudies, dali_batches
+
+    dali = list(
+        dali_batches(DaliStudies(corpus, device_id=None, batch_size=3), batching=BatchConfig(PATCH, 300))
+    )
+    cpu = list(StudyBatches(RawStudies(corpus), batching=BatchConfig(PATCH, 300)))
+    assert [b.study_ids for b in dali] == [b.study_ids for b in cpu]
+    for a, b in zip(dali, cpu):
+        assert torch.equal(a.studies.patches, b.studies.patches) and a.reports == b.reports
+        assert torch.equal(a.labels, b.labels)
+    halves = [
+        [r.study_id for r, _ in DaliStudies(corpus, rank=k, world_size=2, batch_size=4)] for k in range(2)
+    ]
+    assert sorted(sum(halves, [])) == sorted(s for b in cpu for s in b.study_ids) and not set(
+        halves[0]
+    ) & set(halves[1])
+
+
+@pytest.mark.gpu
+def test_nvcomp_gpu_decode_matches_cpu(corpus):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("nvidia.nvcomp", reason="nvCOMP not installed (pip install hlip-fast[nvcomp])")
+    from hlip_fast.data.gpu import NvcompDecoder
+
+    decoder = NvcompDecoder("cuda")
+    for raw in RawStudies(corpus):
+        for gpu_scan, cpu_scan in zip(decoder(raw), decode_cpu(raw)):
+            assert gpu_scan.is_cuda and torch.equal(gpu_scan.cpu(), cpu_scan)
+    gpu = list(StudyBatches(RawStudies(corpus), batching=BatchConfig(PATCH, 300), decode=decoder))
+    cpu = list(StudyBatches(RawStudies(corpus), batching=BatchConfig(PATCH, 300)))
+    for a, b in zip(gpu, cpu):
+        assert a.studies.patches.is_cuda and torch.equal(a.studies.patches.cpu(), b.studies.patches)

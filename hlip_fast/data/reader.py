@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,33 +121,52 @@ class BatchConfig:
     oversize: str = "alone"
 
 
+def decoded_studies(
+    decoded: Iterable[tuple[RawStudy, list[torch.Tensor]]], reader: ReaderConfig, train: bool, epoch: int
+) -> Iterator[Study]:
+    """Normalised (in training augmented) studies from ``(stored study, integer scans)`` pairs."""
+    for raw, scans in decoded:
+        yield to_study(raw, scans, reader, train, epoch)
+
+
+def token_batches(studies: Iterable[Study], reader: ReaderConfig, batching: BatchConfig) -> Iterator[Batch]:
+    """Studies grouped into token-budget steps and packed on the scans' device."""
+    b = batching
+    budget = TokenBudget(
+        b.max_tokens, b.patch_size, max_studies=b.max_studies, group_size=b.group_size, oversize=b.oversize
+    )
+    pad = (0.0 - reader.mean) / reader.std
+    for members in budget(studies):
+        yield collate(members, b.patch_size, pad, b.max_tokens)
+
+
 class StudyBatches(IterableDataset):
-    """CPU reader: decoded (and in training augmented) studies grouped into :class:`Batch` steps."""
+    """Decoded (in training augmented) studies grouped into :class:`Batch` steps.
+
+    ``decode`` turns a stored study into its integer scans: :func:`decode_cpu` (the CPU reader,
+    in DataLoader workers) or a GPU decoder such as :class:`~hlip_fast.data.gpu.NvcompDecoder`
+    (iterate in the main process); everything after decoding runs on the scans' device.
+    """
 
     def __init__(
-        self, raw: RawStudies, reader: ReaderConfig | None = None, batching: BatchConfig | None = None
+        self,
+        raw: RawStudies,
+        reader: ReaderConfig | None = None,
+        batching: BatchConfig | None = None,
+        decode: Callable[[RawStudy], list[torch.Tensor]] = decode_cpu,
     ):
         self.raw, self.reader, self.batching = raw, reader or ReaderConfig(), batching or BatchConfig()
+        self.decode = decode
 
     def set_epoch(self, epoch: int) -> None:
         self.raw.set_epoch(epoch)
 
     def studies(self) -> Iterator[Study]:
-        for raw in self.raw:
-            yield to_study(raw, decode_cpu(raw), self.reader, self.raw.train, self.raw.epoch)
+        pairs = ((raw, self.decode(raw)) for raw in self.raw)
+        return decoded_studies(pairs, self.reader, self.raw.train, self.raw.epoch)
 
     def __iter__(self) -> Iterator[Batch]:
-        b = self.batching
-        budget = TokenBudget(
-            b.max_tokens,
-            b.patch_size,
-            max_studies=b.max_studies,
-            group_size=b.group_size,
-            oversize=b.oversize,
-        )
-        pad = (0.0 - self.reader.mean) / self.reader.std
-        for members in budget(self.studies()):
-            yield collate(members, b.patch_size, pad, b.max_tokens)
+        return token_batches(self.studies(), self.reader, self.batching)
 
 
 def cpu_loader(dataset: StudyBatches, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
