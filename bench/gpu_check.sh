@@ -4,7 +4,9 @@
 #   results to $OUT (default bench/results/gpu_check). Budget: under 8 minutes.
 #
 # Optional backends travel as wheels in .whl/ (ignored by git; see the device README), e.g.
-#   flash-attn-4 and its dependencies for Python 3.12, xformers for torch 2.11 + CUDA 13.
+#   flash-attn-4 and its dependencies for Python 3.12, xformers for torch 2.11 + CUDA 13,
+#   nvidia-nvcomp-cu13 + nvidia-libnvcomp-cu13 5.3.0.16 (~34 MB) for the nvCOMP decoder.
+# Prepare: bash bench/fetch_wheels.sh (data deps + nvCOMP into .whl/), then
 # Call:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,13 +26,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 # 1. GPU tests: every backend against the reference on CUDA, then the kernel's own tests.
 #    (-P: import hlip_fast from the install above, where kernels/ maps to hlip_fast.kernels.)
-pytest=(timeout 120 python3 -P -m pytest -q -p no:cacheprovider)
+pytest=(timeout 100 python3 -P -m pytest -q -p no:cacheprovider)
 { "${pytest[@]}" -m gpu tests; "${pytest[@]}" tests/test_triton_kernel.py; } 2>&1 | tee "$OUT/gpu_tests.log"
 
 # 2. The attention benchmark; --install-table writes hlip_fast/attention/auto_table.json.
 cd bench
-timeout 300 python3 attention.py --install-table 2>&1 | tee "$OUT/attention.log"
+timeout 220 python3 attention.py --install-table 2>&1 | tee "$OUT/attention.log"
+# 3. The data benchmark: nvCOMP GPU decode beside the CPU reader (nvCOMP wheels in .whl/).
+timeout 90 python3 data.py --studies 64 --repeats 3 2>&1 | tee "$OUT/data.log"
 cd ..
-cp bench/results/attention_gpu_* "$OUT"/ 2>/dev/null
+cp bench/results/attention_gpu_* bench/results/data_gpu_* "$OUT"/ 2>/dev/null
 cp hlip_fast/attention/auto_table.json "$OUT"/ 2>/dev/null
 ls -l "$OUT"
