@@ -1,0 +1,71 @@
+"""Contrastive losses across ranks with open_clip's semantics: CLIP InfoNCE and SigLIP.
+
+With ``world_size`` ranks each holding ``n`` pairs, the mean over ranks of each rank's loss
+equals the single-process loss on all ``world_size * n`` pairs, and (with gradients through
+the gather, DDP averaging the rest) so do the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """All ranks' ``features`` concatenated in rank order. Without ``with_grad`` only this
+    rank's slice carries gradient (open_clip's default), so the loss must then be the full one."""
+    rank, world_size = _distributed()
+    if world_size == 1:
+        return features
+    if with_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(features), dim=0)
+    gathered = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features.detach())
+    gathered[rank] = features
+    return torch.cat(gathered, dim=0)
+
+
+class ClipLoss(nn.Module):
+    """InfoNCE over image↔text pairs: ``local_loss`` scores this rank's rows against all
+    columns (labels offset by rank); ``gather_with_grad`` sends gradients through the gather."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False):
+        super().__init__()
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        rank, world_size = _distributed()
+        all_image = gather_features(image, self.gather_with_grad)
+        all_text = gather_features(text, self.gather_with_grad)
+        if self.local_loss:
+            per_image, per_text = logit_scale * image @ all_text.T, logit_scale * text @ all_image.T
+            labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * rank
+        else:
+            per_image = logit_scale * all_image @ all_text.T
+            per_text = per_image.T
+            labels = torch.arange(all_image.shape[0], device=image.device)
+        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+class SigLipLoss(nn.Module):
+    """Sigmoid loss (SigLIP): every image–text pair is a binary decision, positives on the
+    diagonal. Across ranks this rank's images meet all ranks' texts (gathered with gradient)."""
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+    ) -> torch.Tensor:
+        rank, _ = _distributed()
+        all_text = gather_features(text, with_grad=True)
+        logits = logit_scale * image @ all_text.T + logit_bias
+        n = image.shape[0]
+        labels = -torch.ones_like(logits)
+        labels[:, rank * n : (rank + 1) * n] += 2 * torch.eye(n, device=logits.device, dtype=logits.dtype)
+        return -F.logsigmoid(labels * logits).sum() / n
