@@ -1,0 +1,134 @@
+"""The text tower: a Hugging Face BERT-family encoder from a local folder (or a cached hub
+name), CLS or mean pooling, and a linear projection into the shared embedding space."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """``model``: a local model folder or a hub name already in the local cache (no network is
+    used). ``lock`` freezes the encoder except its LayerNorms and the last ``unlocked_layers``
+    layers, as HLIP does."""
+
+    model: str
+    embed_dim: int = 512
+    pooling: str = "cls"
+    context_length: int = 256
+    lock: bool = True
+    unlocked_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+
+
+def _load(model: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, local_files_only=True), AutoModel.from_pretrained(
+            model, local_files_only=True
+        )
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"text model {model!r} is not available locally (hlip_fast never downloads at run time): "
+            f"give a local model folder, or fetch it once into the Hugging Face cache ({error})"
+        ) from error
+
+
+class TextTower(nn.Module):
+    """``tokenize(texts)`` → ``forward(tokens)`` → ``(batch, embed_dim)`` projected embeddings."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer, self.transformer = _load(config.model)
+        self.proj = nn.Linear(self.transformer.config.hidden_size, config.embed_dim, bias=False)
+        if config.lock:
+            self.lock(config.unlocked_layers)
+
+    def lock(self, unlocked_layers: int = 0) -> None:
+        """Freeze the encoder except LayerNorm parameters and the last ``unlocked_layers`` layers."""
+        layers = self.transformer.encoder.layer
+        if not 0 <= unlocked_layers <= len(layers):
+            raise ValueError(f"unlocked_layers must be in [0, {len(layers)}], got {unlocked_layers}")
+        open_layers = {
+            id(p) for layer in list(layers)[len(layers) - unlocked_layers :] for p in layer.parameters()
+        }
+        for module in self.transformer.modules():
+            for param in module.parameters(recurse=False):
+                param.requires_grad = isinstance(module, nn.LayerNorm) or id(param) in open_layers
+
+    def tokenize(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=self.config.context_length,
+                return_tensors="pt",
+            )
+        )
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = tokens["attention_mask"]
+        hidden = self.transformer(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state
+        if self.config.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return self.proj(pooled)
+
+
+def build_tiny_text_model(
+    out_dir: str | Path,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 1000,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised tiny BERT plus a WordPiece vocabulary trained on ``texts``, saved
+    as a normal local model folder (for tests, the demo and runs without a pretrained model)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.train_from_iterator(
+        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, do_lower_case=True)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(out)
+    return out
