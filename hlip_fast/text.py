@@ -14,11 +14,12 @@ from torch import nn
 @dataclass(frozen=True)
 class TextConfig:
     """``model``: a local model folder or a hub name already in the local cache (no network is
-    used). ``lock`` freezes the encoder except its LayerNorms and the last ``unlocked_layers``
-    layers, as HLIP does."""
+    used). ``pretrained=False`` builds the architecture from the folder's config only (weights
+    then come from a checkpoint). ``lock`` freezes the encoder except its LayerNorms and the
+    last ``unlocked_layers`` layers, as HLIP does."""
 
     model: str
-    embed_dim: int = 512
+    pretrained: bool = True
     pooling: str = "cls"
     context_length: int = 256
     lock: bool = True
@@ -29,13 +30,14 @@ class TextConfig:
             raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
 
 
-def _load(model: str):
-    from transformers import AutoModel, AutoTokenizer
+def _load(model: str, pretrained: bool):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model, local_files_only=True), AutoModel.from_pretrained(
-            model, local_files_only=True
-        )
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        if pretrained:
+            return tokenizer, AutoModel.from_pretrained(model, local_files_only=True)
+        return tokenizer, AutoModel.from_config(AutoConfig.from_pretrained(model, local_files_only=True))
     except (OSError, ValueError) as error:
         raise OSError(
             f"text model {model!r} is not available locally (hlip_fast never downloads at run time): "
@@ -46,11 +48,11 @@ def _load(model: str):
 class TextTower(nn.Module):
     """``tokenize(texts)`` → ``forward(tokens)`` → ``(batch, embed_dim)`` projected embeddings."""
 
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, embed_dim: int):
         super().__init__()
         self.config = config
-        self.tokenizer, self.transformer = _load(config.model)
-        self.proj = nn.Linear(self.transformer.config.hidden_size, config.embed_dim, bias=False)
+        self.tokenizer, self.transformer = _load(config.model, config.pretrained)
+        self.proj = nn.Linear(self.transformer.config.hidden_size, embed_dim, bias=False)
         if config.lock:
             self.lock(config.unlocked_layers)
 
@@ -65,6 +67,11 @@ class TextTower(nn.Module):
         for module in self.transformer.modules():
             for param in module.parameters(recurse=False):
                 param.requires_grad = isinstance(module, nn.LayerNorm) or id(param) in open_layers
+
+    def save_architecture(self, out_dir: str | Path) -> None:
+        """Write the tokenizer and the encoder's config (not its weights) as a local model folder."""
+        self.tokenizer.save_pretrained(out_dir)
+        self.transformer.config.save_pretrained(out_dir)
 
     def tokenize(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
         return dict(

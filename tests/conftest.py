@@ -27,3 +27,17 @@ def seed(request) -> int:
 @pytest.fixture
 def rng(seed) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> tuple[str, list[str]]:
+    """A tiny random BERT with a WordPiece vocabulary trained on synthetic reports (local folder),
+    and those reports."""
+    from dataclasses import replace
+
+    from hlip_fast.data.synth import SIZES, make_study
+    from hlip_fast.text import build_tiny_text_model
+
+    config = replace(SIZES["tiny"], num_studies=30)
+    reports = [make_study(config, i)[0].report for i in range(30)]
+    return str(build_tiny_text_model(tmp_path_factory.mktemp("bert"), reports)), reports

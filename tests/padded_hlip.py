@@ -1,53 +1,68 @@
 """HLIP's original fixed-shape pipeline, written independently of hlip_fast's packing.
 
 Studies are dense ``(B, n, C, D, H, W)`` tensors (every scan one shape, every study ``n``
-scans); levels switch by reshaping the batch, exactly as the original HLIP encoder does, and the
-blocks are timm's own ``Block``. It is the oracle of the equivalence tests and the baseline of
-``bench/encoder_cpu.py``. ``PaddedHLIP.from_encoder`` copies an hlip_fast encoder's weights
-(a strict ``load_state_dict`` per block, which also proves the parameter names match timm).
+scans); levels switch by reshaping the batch, as the original HLIP encoder does. The model is
+timm's own ``VisionTransformer`` (no position table, no head, HLIP's two fixed position
+parameters added), so its ``state_dict`` has the key names of an original HLIP trunk. It is the
+oracle of the equivalence and checkpoint tests and the baseline of ``bench/encoder_cpu.py``.
+``OriginalHLIPClip`` wraps it with a text tower in open_clip's ``CustomTextCLIP`` layout.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import VisionTransformer
 
 
-class PaddedHLIP(nn.Module):
-    def __init__(self, encoder) -> None:
+class _DensePatchEmbed3D(nn.Module):
+    """Holds the ``Conv3d`` under timm's ``patch_embed.proj`` name; the forward is PaddedHLIP's."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True, **_):
         super().__init__()
-        cfg = encoder.config
-        self.levels = cfg.levels
-        self.patch_size = cfg.patch_size
-        self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.register_buffer("spatial_posemb", encoder.spatial_posemb.clone())
-        seq = encoder.sequential_posemb
-        self.register_buffer("sequential_posemb", None if seq is None else seq.clone())
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, norm_layer=norm)
-            for _ in range(cfg.depth)
+        self.num_patches = math.prod(i // p for i, p in zip(img_size, patch_size))
+        self.proj = nn.Conv3d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
+
+
+class PaddedHLIP(VisionTransformer):
+    def __init__(self, cfg) -> None:
+        super().__init__(
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            num_classes=0,
+            no_embed_class=True,
+            pos_embed="none",
+            embed_layer=_DensePatchEmbed3D,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
         )
-        self.norm = norm(cfg.embed_dim)
+        self.levels = cfg.levels
+        grid = [i // p for i, p in zip(cfg.img_size, cfg.patch_size)]
+        # Fixed in HLIP (requires_grad=False) but stored in its checkpoints; random here so that
+        # a loader which recomputed them instead of loading them would be caught.
+        self.spatial_posemb = nn.Parameter(torch.randn(1, *grid, cfg.embed_dim) * 0.02, requires_grad=False)
+        seq = torch.randn(1, cfg.max_num_scans, cfg.embed_dim) * 0.02
+        self.sequential_posemb = nn.Parameter(seq, requires_grad=False) if cfg.max_num_scans > 1 else None
 
     @classmethod
     def from_encoder(cls, encoder) -> PaddedHLIP:
-        model = cls(encoder)
-        model.proj.load_state_dict(encoder.patch_embed.proj.state_dict())
-        model.cls_token.data.copy_(encoder.cls_token.data)
-        for mine, theirs in zip(model.blocks, encoder.blocks):
-            mine.load_state_dict(theirs.state_dict(), strict=True)
-        model.norm.load_state_dict(encoder.norm.state_dict())
+        """The oracle with an hlip_fast encoder's weights (a strict load: the names match timm's)."""
+        model = cls(encoder.config)
+        model.load_state_dict(encoder.state_dict(), strict=True)
         return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape[:3]
-        x = self.proj(x.flatten(0, 1))  # [b*n, C, d, h, w]
+        x = self.patch_embed.proj(x.flatten(0, 1))  # [b*n, C, d, h, w]
         d, h, w = x.shape[2:]
         x = x.permute(0, 2, 3, 4, 1).reshape(b, n, d, h, w, -1)
         pos = self.spatial_posemb
@@ -93,3 +108,27 @@ class PaddedHLIP(nn.Module):
             cls = cls.reshape(studies, src_copies, 1, -1).expand(-1, -1, dst_copies // src_copies, -1)
         cls = cls.reshape(studies * dst_copies, 1, -1)
         return torch.cat([cls, tokens.reshape(studies * dst_copies, -1, src.shape[-1])], 1)
+
+
+class OriginalHLIPClip(nn.Module):
+    """open_clip's ``CustomTextCLIP`` layout as HLIP saves it: ``visual.trunk`` (the encoder),
+    ``visual.head.proj`` (linear, no bias), ``text.transformer`` (a Hugging Face BERT, pooler
+    included), ``text.proj`` (linear, no bias), ``logit_scale``; CLS pooling."""
+
+    def __init__(self, cfg, bert: nn.Module, embed_dim: int) -> None:
+        super().__init__()
+        self.visual = nn.Module()
+        self.visual.trunk = PaddedHLIP(cfg)
+        self.visual.head = nn.Module()
+        self.visual.head.proj = nn.Linear(cfg.embed_dim, embed_dim, bias=False)
+        self.text = nn.Module()
+        self.text.transformer = bert
+        self.text.proj = nn.Linear(bert.config.hidden_size, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual.head.proj(self.visual.trunk(x)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.text.proj(hidden[:, 0]), dim=-1)

@@ -42,7 +42,7 @@ def test_packed_encoder_matches_padded_hlip(name, levels, shape, seed):
     model(batch.to("cpu", torch.float64)).square().sum().backward()
     padded(volumes.double()).square().sum().backward()
     pairs = [
-        (model.patch_embed.proj.weight.grad, padded.proj.weight.grad),
+        (model.patch_embed.proj.weight.grad, padded.patch_embed.proj.weight.grad),
         (model.cls_token.grad, padded.cls_token.grad),
         (model.blocks[0].attn.qkv.weight.grad, padded.blocks[0].attn.qkv.weight.grad),
         (model.blocks[-1].mlp.fc2.weight.grad, padded.blocks[-1].mlp.fc2.weight.grad),

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-from hlip_fast.data.synth import SIZES, make_study
-from hlip_fast.text import TextConfig, TextTower, build_tiny_text_model
+from hlip_fast.text import TextConfig, TextTower
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    config = replace(SIZES["tiny"], num_studies=30)
-    reports = [make_study(config, i)[0].report for i in range(30)]
-    return build_tiny_text_model(tmp_path_factory.mktemp("bert"), reports), reports
-
-
-def test_reloads_as_local_model_and_embeds(tiny_model):
-    path, reports = tiny_model
-    tower = TextTower(TextConfig(str(path), embed_dim=16, context_length=32)).eval()
+def test_reloads_as_local_model_and_embeds(tiny_text):
+    path, reports = tiny_text
+    tower = TextTower(TextConfig(path, context_length=32), 16).eval()
     tokens = tower.tokenize(reports[:3])
     assert tokens["input_ids"].shape[0] == 3 and tokens["input_ids"].shape[1] <= 32
     assert "[UNK]" not in tower.tokenizer.convert_ids_to_tokens(tokens["input_ids"][0])
@@ -29,9 +19,9 @@ def test_reloads_as_local_model_and_embeds(tiny_model):
     assert out.shape == (3, 16) and torch.isfinite(out).all()
 
 
-def test_mean_pooling_ignores_padding(tiny_model):
-    path, reports = tiny_model
-    tower = TextTower(TextConfig(str(path), embed_dim=8, pooling="mean")).eval()
+def test_mean_pooling_ignores_padding(tiny_text):
+    path, reports = tiny_text
+    tower = TextTower(TextConfig(path, pooling="mean"), 8).eval()
     short, long = "No mass.", reports[0]
     with torch.no_grad():
         alone = tower(tower.tokenize([short]))
@@ -40,8 +30,8 @@ def test_mean_pooling_ignores_padding(tiny_model):
 
 
 @pytest.mark.parametrize("unlocked", [0, 1])
-def test_locking_keeps_layernorms_and_last_layers(tiny_model, unlocked):
-    tower = TextTower(TextConfig(str(tiny_model[0]), unlocked_layers=unlocked))
+def test_locking_keeps_layernorms_and_last_layers(tiny_text, unlocked):
+    tower = TextTower(TextConfig(tiny_text[0], unlocked_layers=unlocked), 8)
     trainable = {name for name, p in tower.named_parameters() if p.requires_grad}
     assert "proj.weight" in trainable
     assert all("LayerNorm" in n or n.startswith("proj") or (unlocked and ".layer.1." in n) for n in trainable)
@@ -54,6 +44,6 @@ def test_locking_keeps_layernorms_and_last_layers(tiny_model, unlocked):
 def test_missing_model_is_a_clear_offline_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="not available locally"):
-        TextTower(TextConfig(str(tmp_path / "no-such-model")))
+        TextTower(TextConfig(str(tmp_path / "no-such-model")), 8)
     with pytest.raises(ValueError, match="pooling"):
         TextConfig("x", pooling="max")
