@@ -1,0 +1,63 @@
+"""Stored studies from whatever the user points at: prepared shards, a manifest of raw studies,
+or a folder with one sub-folder per study (NIfTI files and DICOM series inside). Raw studies
+are preprocessed on the fly exactly as ``prepare`` would store them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import PrepareConfig
+from .manifest import ScanEntry, StudyEntry, read_manifest
+from .prepare import process_study
+from .reader import RawStudies
+from .shards import RawStudy
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def folder_manifest(root: str | Path) -> list[StudyEntry]:
+    """One study per sub-folder of ``root`` (sorted): each NIfTI file in it is a scan, each
+    sub-folder a DICOM series; loose DICOM files make the study folder itself one series."""
+    root = Path(root)
+    entries = []
+    for study in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        children = sorted(study.iterdir())
+        scans = [c for c in children if _is_nifti(c) or (c.is_dir() and not c.name.startswith("."))]
+        if any(c.is_file() and c.suffix.lower() == ".dcm" for c in children):
+            scans.append(study)
+        entries.append(StudyEntry(study.name, [ScanEntry(str(s)) for s in scans], report=""))
+    if not entries:
+        raise ValueError(f"{root}: no study sub-folders (expected one folder per study)")
+    return entries
+
+
+def preprocessed(entries: list[StudyEntry], config: PrepareConfig, skipped: list[dict]) -> Iterator[RawStudy]:
+    """Raw studies → stored form; studies that fail are appended to ``skipped`` with the reason."""
+    for entry in entries:
+        result = process_study(entry, config)
+        skipped += result.skipped_files
+        if result.encoded is None:
+            skipped.append({"study_id": entry.study_id, "reason": result.reason})
+            continue
+        meta, blob, sizes = result.encoded
+        yield RawStudy(entry.study_id, meta, blob, sizes, shard=str(entry.scans[0].path))
+
+
+def open_studies(
+    source: str | Path, config: PrepareConfig | None = None, skipped: list[dict] | None = None
+) -> Iterator[RawStudy]:
+    """Stored studies of ``source``: a prepared folder (``index.json``) or ``.tar`` shard, a
+    ``.csv``/``.jsonl`` manifest, or a folder of study folders (preprocessed with ``config``)."""
+    source = Path(source)
+    skipped = [] if skipped is None else skipped
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    if source.suffix == ".tar" or (source / "index.json").is_file():
+        return iter(RawStudies(source, train=False, rank=0, world_size=1))
+    entries = read_manifest(source) if source.is_file() else folder_manifest(source)
+    return preprocessed(entries, config or PrepareConfig(), skipped)
