@@ -52,6 +52,9 @@ class TextTower(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer, self.transformer = _load(config.model, config.pretrained)
+        if getattr(self.transformer, "pooler", None) is not None:
+            # Pooling happens here (CLS or mean); an unused pooler would also stall DDP.
+            self.transformer.pooler = None
         self.proj = nn.Linear(self.transformer.config.hidden_size, embed_dim, bias=False)
         if config.lock:
             self.lock(config.unlocked_layers)

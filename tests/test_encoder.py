@@ -206,3 +206,18 @@ def test_public_api():
         "Layout",
     ]:
         assert hasattr(hlip_fast, name)
+
+
+def test_patch_dropout_only_in_training(seed):
+    model = create_model("vit_tiny_multiscan_h3", patch_dropout=0.5)
+    batch = pack_studies(ragged_studies(), model.config.patch_size)
+    tokens, cls = model.train().forward_features(batch)
+    assert tokens.shape[0] < batch.layout.num_tokens and cls.shape[0] == 3
+    model(batch).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+    reference = create_model("vit_tiny_multiscan_h3")
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch), reference.eval()(batch))
+    with pytest.raises(ValueError, match="patch_dropout"):
+        VisionConfig(patch_dropout=1.0)

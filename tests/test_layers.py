@@ -89,3 +89,23 @@ def test_sincos_3d_and_resampling():
     assert resample_3d(table, (6, 2, 5)).shape == (6, 2, 5, 12)
     with pytest.raises(ValueError, match="divisible by 6"):
         sincos_3d((1, 1, 1), 8)
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.3, 0.75])
+def test_drop_patches_keeps_k_per_slice_in_order(rng, prob):
+    from hlip_fast.layers import drop_patches
+
+    layout = random_layout(rng, max_side=5)
+    x = torch.arange(layout.num_tokens, dtype=torch.float64)[:, None]
+    kept, dropped = drop_patches(x, layout, prob)
+    ids = kept[:, 0].long()
+    assert dropped.num_studies == layout.num_studies and dropped.slice_depth == layout.slice_depth
+    for scan, ((d, h, w), start) in enumerate(zip(layout.grids.tolist(), layout.scan_offsets[:-1].tolist())):
+        k = max(1, round((1 - prob) * h * w))
+        assert tuple(dropped.grids[scan]) == (d, k, 1)
+        mine = ids[dropped.scan_offsets[scan] : dropped.scan_offsets[scan + 1]].reshape(d, k) - start
+        assert (mine.diff(dim=1) > 0).all(), "kept tokens leave their order"
+        rows = mine // (h * w)
+        assert (rows == torch.arange(d)[:, None]).all(), "a kept token left its slice"
+    if prob == 0.0:
+        assert torch.equal(kept, x)

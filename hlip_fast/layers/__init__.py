@@ -3,6 +3,7 @@
 from .attention import HierarchicalAttention
 from .block import HierarchicalBlock, SegmentDropPath
 from .class_tokens import switch_level
+from .patch_dropout import drop_patches
 from .patch_embed import PatchEmbed3D
 from .pos_embed import resample_3d, sincos_1d, sincos_3d
 
@@ -11,6 +12,7 @@ __all__ = [
     "HierarchicalBlock",
     "PatchEmbed3D",
     "SegmentDropPath",
+    "drop_patches",
     "resample_3d",
     "sincos_1d",
     "sincos_3d",

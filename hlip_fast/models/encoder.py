@@ -11,7 +11,15 @@ import torch.nn as nn
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import HierarchicalBlock, PatchEmbed3D, resample_3d, sincos_1d, sincos_3d, switch_level
+from ..layers import (
+    HierarchicalBlock,
+    PatchEmbed3D,
+    drop_patches,
+    resample_3d,
+    sincos_1d,
+    sincos_3d,
+    switch_level,
+)
 from ..layout import LEVELS, Layout
 from ..packing import StudyBatch, to_3tuple
 
@@ -26,6 +34,7 @@ class VisionConfig:
     scans of any size divisible by the patch are accepted and the table is resampled to each.
     ``levels`` names the attention level of every block. ``max_num_scans`` is the length of the
     per-scan sequential position table (1: single-scan studies, no sequential embedding).
+    ``patch_dropout`` drops that share of every slice's patch tokens in training mode.
     """
 
     img_size: tuple[int, int, int] = (48, 224, 224)
@@ -38,6 +47,7 @@ class VisionConfig:
     qkv_bias: bool = True
     qk_norm: bool = False
     drop_path_rate: float = 0.0
+    patch_dropout: float = 0.0
     max_num_scans: int = 40
     levels: tuple[str, ...] = field(default=("scan", "scan", "study") * 4)
     pooling: str = "token"
@@ -63,6 +73,8 @@ class VisionConfig:
             problems.append(f"pooling {self.pooling!r} not in {POOLINGS}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             problems.append(f"drop_path_rate {self.drop_path_rate} not in [0, 1)")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            problems.append(f"patch_dropout {self.patch_dropout} not in [0, 1)")
         if problems:
             raise ValueError("invalid VisionConfig: " + "; ".join(problems))
 
@@ -145,10 +157,17 @@ class HLIPVisionEncoder(nn.Module):
         return pos + self.sequential_posemb[0, positions][layout.level("scan").segment_ids]
 
     def forward_features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, C)`` class tokens."""
+        """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, C)`` class tokens
+        (in training with patch dropout: the kept tokens only)."""
+        return self._features(batch)[:2]
+
+    def _features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor, Layout]:
         self._check_batch(batch)
-        layout, num_tokens = batch.layout, batch.layout.num_tokens
+        layout = batch.layout
         x = self.patch_embed(batch.patches) + self.position_embedding(layout)
+        if self.training and self.config.patch_dropout > 0:
+            x, layout = drop_patches(x, layout, self.config.patch_dropout)
+        num_tokens = layout.num_tokens
         level = self.config.levels[0]
         cls = self.cls_token[0].expand(layout.num_segments(level), -1)
         rows = torch.cat([x, cls])
@@ -161,7 +180,7 @@ class HLIPVisionEncoder(nn.Module):
             else:
                 rows = block(rows, layout, level)
         cls = switch_level(rows[num_tokens:], layout, level, "study")
-        return self.norm(rows[:num_tokens]), self.norm(cls)
+        return self.norm(rows[:num_tokens]), self.norm(cls), layout
 
     def pool(self, tokens: torch.Tensor, cls: torch.Tensor, layout: Layout) -> torch.Tensor:
         """One embedding per study: its class token, or the mean of its patch tokens."""
@@ -174,7 +193,7 @@ class HLIPVisionEncoder(nn.Module):
 
     def forward(self, batch: StudyBatch) -> torch.Tensor:
         """``(num_studies, embed_dim)`` study embeddings."""
-        return self.pool(*self.forward_features(batch), batch.layout)
+        return self.pool(*self._features(batch))
 
     def _check_batch(self, batch: StudyBatch) -> None:
         cfg = self.config
