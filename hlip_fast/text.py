@@ -3,6 +3,7 @@ name), CLS or mean pooling, and a linear projection into the shared embedding sp
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,23 +107,32 @@ def build_tiny_text_model(
     hidden: int = 64,
     layers: int = 2,
     heads: int = 2,
+    dropout: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """A randomly initialised tiny BERT plus a WordPiece vocabulary trained on ``texts``, saved
-    as a normal local model folder (for tests, the demo and runs without a pretrained model)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A randomly initialised tiny BERT plus a WordPiece vocabulary of the words of ``texts``
+    (split by tokenizers' BERT normaliser and pre-tokeniser), saved as a normal local model
+    folder (for tests, the demo and runs without a pretrained model). Same texts, same folder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.decoder = decoders.WordPiece()
-    wordpiece.train_from_iterator(
-        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
     )
+    # Deterministic (the tokenizers WordPiece trainer breaks ties differently run to run, which
+    # would break exact resume): every character and its "##" continuation, then whole words,
+    # most frequent first.
+    chars = sorted({c for word in counts for c in word})
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    tokens = list(dict.fromkeys([*specials, *chars, *(f"##{c}" for c in chars), *words]))
+    tokens = tokens[: max(vocab_size, len(specials) + 2 * len(chars))]
+    wordpiece = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    wordpiece.normalizer, wordpiece.pre_tokenizer = normalizer, splitter
+    wordpiece.decoder = decoders.WordPiece()
     cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
     wordpiece.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -131,7 +141,6 @@ def build_tiny_text_model(
     )
     tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, do_lower_case=True)
     tokenizer.save_pretrained(out)
-    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -139,6 +148,10 @@ def build_tiny_text_model(
         num_attention_heads=heads,
         intermediate_size=4 * hidden,
         max_position_embeddings=512,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
-    BertModel(config).save_pretrained(out)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(out)
     return out

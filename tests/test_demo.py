@@ -20,3 +20,14 @@ def test_demo_reports_levels_and_every_backend(capsys):
             assert float(rows[backend][3]) < 1e-4
         else:
             assert f"{backend}: not run here (" in out
+
+
+def test_training_demo_runs_end_to_end_small(tmp_path, capsys):
+    from hlip_fast.train import demo as train_demo
+
+    args = ["--out", str(tmp_path), "--studies", "16", "--val-studies", "12", "--steps", "4", "--quiet"]
+    assert train_demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot macro AUC" in out and "| **macro** |" in out
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "eval_final" / "results.md").is_file()

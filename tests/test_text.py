@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,3 +49,17 @@ def test_missing_model_is_a_clear_offline_error(tmp_path, monkeypatch):
         TextTower(TextConfig(str(tmp_path / "no-such-model")), 8)
     with pytest.raises(ValueError, match="pooling"):
         TextConfig("x", pooling="max")
+
+
+def test_tiny_model_is_deterministic(tiny_text, tmp_path):
+    from safetensors.torch import load_file
+
+    from hlip_fast.text import build_tiny_text_model
+
+    path, reports = tiny_text
+    again = build_tiny_text_model(tmp_path / "again", reports)
+    assert (again / "tokenizer.json").read_text() == (Path(path) / "tokenizer.json").read_text()
+    mine, theirs = load_file(again / "model.safetensors"), load_file(Path(path) / "model.safetensors")
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    tower = TextTower(TextConfig(str(again)), 8)
+    assert "[UNK]" not in tower.tokenizer.tokenize("Unseenword in a report")  # character fallback

@@ -68,7 +68,9 @@ def synth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-studies", type=int)
     parser.add_argument("--modality", choices=["MR", "CT"])
     parser.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--min-scans", type=int)
     parser.add_argument("--max-scans", type=int)
+    parser.add_argument("--finding-scale", type=float, help="multiply every finding's radius")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefix", default="synth", help="study id prefix (e.g. train, test)")
     parser.add_argument(
@@ -78,7 +80,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     overrides = {"seed": args.seed, "prefix": args.prefix}
-    for name in ("num_studies", "modality", "max_scans"):
+    for name in ("num_studies", "modality", "min_scans", "max_scans", "finding_scale"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.grid:

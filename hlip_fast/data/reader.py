@@ -170,7 +170,13 @@ class StudyBatches(IterableDataset):
 
 
 def cpu_loader(dataset: StudyBatches, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose workers read, decode and batch (``batch_size=None``: steps come whole)."""
+    """A DataLoader whose workers read, decode and batch (``batch_size=None``: steps come whole).
+    Its own generator leaves the global torch RNG untouched, so resumed runs replay exactly."""
     return DataLoader(
-        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        generator=torch.Generator(),
     )

@@ -74,7 +74,8 @@ NORMAL = {
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Corpus size and variation. ``grid`` must match the prepare config's grid."""
+    """Corpus size and variation. ``grid`` must match the prepare config's grid;
+    ``finding_scale`` multiplies every finding's radius (larger findings are easier to see)."""
 
     num_studies: int = 16
     modality: str = "MR"
@@ -83,6 +84,7 @@ class SynthConfig:
     depth_range: tuple[int, int] = (8, 24)
     grid: tuple[int, int] = (32, 32)
     finding_probability: float = 0.4
+    finding_scale: float = 1.0
     noise: float = 0.03
     seed: int = 0
     prefix: str = "synth"
@@ -145,12 +147,13 @@ def _draw_findings(rng: np.random.Generator, config: SynthConfig) -> list[dict]:
         if rng.random() >= config.finding_probability:
             continue
         radius = float(rng.uniform(low, high))
+        size = SIZE_WORDS[min(2, int(3 * (radius - low) / (high - low + 1e-9)))]
+        radius *= config.finding_scale
         side = "right" if rng.random() < 0.5 else "left"
         level = "upper" if rng.random() < 0.5 else "lower"
         x = (-1 if side == "right" else 1) * (0.45 if config.modality == "CT" else rng.uniform(0.2, 0.35))
         zc = (0.35 if level == "upper" else -0.35) + rng.uniform(-0.1, 0.1)
         yc = rng.uniform(-0.2, 0.2) if name != "effusion" else 0.3
-        size = SIZE_WORDS[min(2, int(3 * (radius - low) / (high - low + 1e-9)))]
         findings.append(
             {
                 "name": name,

@@ -1,0 +1,325 @@
+"""The trainer: config errors, a run whose loss falls, exact resume after SIGKILL, SIGTERM,
+divergence handling, and 2-rank DDP equal to one rank with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hlip_fast.train import load_config
+from hlip_fast.train import main as train_main
+from hlip_fast.train.data import reader_config
+from safetensors.torch import load_file
+
+from hlip_fast.data import synthesize
+from hlip_fast.data.batching import collate
+from hlip_fast.data.reader import RawStudies, decode_cpu, decoded_studies
+from hlip_fast.data.synth import SIZES
+from hlip_fast.text import build_tiny_text_model
+
+TINY = ["--model", "vit_tiny_multiscan_h2", "--embed-dim", "32", "--max-tokens", "1024", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    config = replace(SIZES["tiny"], num_studies=24, modality="MR", max_scans=2, depth_range=(8, 12))
+    synthesize(root / "train", config, progress=False)
+    synthesize(root / "val", replace(config, num_studies=12, seed=7, prefix="val"), progress=False)
+    return root
+
+
+def run_args(corpus: Path, logs: Path, *extra: str) -> list[str]:
+    return ["--train-data", str(corpus / "train"), "--logs", str(logs), "--no-progress", *TINY, *extra]
+
+
+def test_config_errors_before_any_work(corpus, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    bad = [
+        "--lr",
+        "-1",
+        "--precision",
+        "fp8",
+        "--model",
+        "vit_huge",
+        "--prompts",
+        "nope",
+        "--text-model",
+        "/none",
+    ]
+    assert train_main(["--train-data", str(tmp_path), "--logs", str(logs), *bad]) == 2
+    err = capsys.readouterr().err
+    for fragment in [
+        "not a prepared shard folder",
+        "lr must be > 0",
+        "precision 'fp8'",
+        "unknown model 'vit_huge'",
+        "prompts need val_data",
+        "no prompt file 'nope'",
+        "text_model '/none'",
+    ]:
+        assert fragment in err
+    assert not logs.exists()
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"train_data: {corpus / 'train'}\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['learning_rate'\]"):
+        load_config(["--config", str(config_file)])
+    config_file.write_text(
+        f"train_data: {corpus / 'train'}\nlr: 0.1\nprompts: [synth_mr]\nval_data: {corpus / 'val'}\n"
+    )
+    cfg = load_config(["--config", str(config_file), "--lr", "0.02", "--no-lock-text", "--steps", "none"])
+    assert (cfg.lr, cfg.lock_text, cfg.prompts, cfg.steps) == (0.02, False, ["synth_mr"], None)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_loss_falls_and_exports(corpus, tmp_path):
+    logs = tmp_path / "logs"
+    args = run_args(
+        corpus,
+        logs,
+        "--name",
+        "short",
+        "--steps",
+        "40",
+        "--lr",
+        "2e-3",
+        "--warmup",
+        "4",
+        "--max-studies",
+        "6",
+        "--no-lock-text",
+        "--log-every",
+        "1",
+        "--val-data",
+        str(corpus / "val"),
+        "--prompts",
+        "synth_mr",
+        "--zeroshot-every",
+        "20",
+        "--save-every",
+        "20",
+        "--keep",
+        "1",
+    )
+    assert train_main(args) == 0
+    run = logs / "short"
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert len(rows) == 40 and all(r["nonfinite_steps"] == 0 for r in rows)
+    first, last = sum(r["loss"] for r in rows[:8]) / 8, sum(r["loss"] for r in rows[-8:]) / 8
+    assert last < first - 0.2, (first, last)
+    assert all(r["studies_per_s"] > 0 and r["tokens_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in rows)
+    evals = [r for r in metrics(run) if "zeroshot/synth_mr" in r]
+    assert [r["step"] for r in evals] == [20, 40] and (run / "eval" / "step_00000040.md").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000040.pt"]  # keep 1
+    assert json.loads((run / "config.json").read_text())["lr"] == 2e-3
+    from hlip_fast import load_pretrained
+
+    model = load_pretrained(run / "final")
+    assert model.config.vision.max_num_scans == 8 and not model.training
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "hlip_fast.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
+    common = [
+        "--steps",
+        "8",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--save-every",
+        "1",
+        "--keep",
+        "2",
+        "--no-lock-text",
+        "--force-patch-dropout",
+        "0.3",
+        "--drop-path-rate",
+        "0.1",
+        "--jitter",
+        "0.1",
+    ]
+    whole = launch(run_args(corpus, tmp_path, "--name", "whole", *common))
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+
+    kill_at = random.randint(2, 6)
+    victim = launch(run_args(corpus, tmp_path, "--name", "killed", *common))
+    wait_for(tmp_path / "killed" / "checkpoints" / f"step_{kill_at:08d}.pt", victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = launch(run_args(corpus, tmp_path, "--name", "killed", "--resume", "latest", *common))
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    want, got = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(
+            got[key], want[key], rtol=0, atol=0, msg=f"{key} differs (killed at {kill_at})"
+        )
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(corpus, tmp_path):
+    process = launch(run_args(corpus, tmp_path, "--name", "term", "--steps", "1000", "--save-every", "1000"))
+    wait_for(tmp_path / "term" / "metrics.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    (checkpoint,) = (tmp_path / "term" / "checkpoints").iterdir()
+    state = torch.load(checkpoint, weights_only=True)
+    assert 1 <= state["step"] < 1000 and checkpoint.name == f"step_{state['step']:08d}.pt"
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(corpus, tmp_path, capsys):
+    args = run_args(
+        corpus,
+        tmp_path,
+        "--name",
+        "nan",
+        "--steps",
+        "30",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "1",
+        "--max-nonfinite",
+        "3",
+        "--save-every",
+        "100",
+        "--grad-clip-norm",
+        "none",
+    )
+    assert train_main(args) == 3
+    err = capsys.readouterr().err
+    assert "3 consecutive steps with a non-finite loss" in err
+    (checkpoint,) = (tmp_path / "nan" / "checkpoints").iterdir()
+    state = torch.load(checkpoint, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # Written at the first non-finite step, whose update was skipped: the weights from before it.
+    first_bad = next(r["step"] for r in metrics(tmp_path / "nan") if r.get("nonfinite_steps"))
+    assert state["step"] == first_bad - 1 and state["nonfinite"] == 1
+
+
+# --- 2 ranks against 1 -------------------------------------------------------------------
+
+
+def fixed_batches(trainer, ranks: int, rank: int, steps: int = 3, per_step: int = 8):
+    """The same global batches for any number of ranks; rank r takes the r-th share of each."""
+    model, cfg = trainer.model, trainer.cfg
+    raws = RawStudies(cfg.train_data, train=False, rank=0, world_size=1)
+    studies = list(decoded_studies(((r, decode_cpu(r)) for r in raws), reader_config(cfg, model), False, 0))
+    share = per_step // ranks
+    for step in range(steps):
+        members = studies[step * per_step + rank * share : step * per_step + (rank + 1) * share]
+        yield collate(members, model.config.vision.patch_size)
+
+
+def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: Path) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from hlip_fast.train import distributed as D
+    from hlip_fast.train.trainer import Trainer
+
+    dist = D.setup("cpu")
+    cfg = load_config(
+        [
+            "--train-data",
+            str(corpus / "train"),
+            "--logs",
+            str(out),
+            "--name",
+            f"w{world}",
+            "--model",
+            "vit_tiny_singlescan_h2",
+            "--embed-dim",
+            "16",
+            "--text-model",
+            text,
+            "--no-lock-text",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "1",
+            "--steps",
+            "3",
+            "--local-loss",
+            "--gather-with-grad",
+            "--wd",
+            "0.1",
+        ]
+    )
+    trainer = Trainer(cfg, dist)
+    if dist.main:
+        torch.save(trainer.model.state_dict(), out / f"initial{world}.pt")
+    for batch in fixed_batches(trainer, world, rank):
+        trainer.train_step([batch])
+    if dist.main:
+        torch.save(trainer.model.state_dict(), out / f"world{world}.pt")
+    D.teardown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_ddp_equals_one_rank_with_the_same_global_batch(corpus, tmp_path):
+    text = str(
+        build_tiny_text_model(tmp_path / "bert", ["no mass.", "a small mass in the left lobe."], dropout=0.0)
+    )
+    for world in (1, 2):
+        mp.start_processes(
+            ddp_worker, args=(world, free_port(), corpus, text, tmp_path), nprocs=world, start_method="spawn"
+        )
+    one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
+    initial = torch.load(tmp_path / "initial1.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "initial2.pt"), initial, rtol=0, atol=0)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
+    for key in ("visual_proj.weight", "text.proj.weight", "visual.blocks.0.attn.qkv.weight", "logit_scale"):
+        assert (one[key] - initial[key]).abs().max() > 1e-4, f"{key} did not train"

@@ -1,0 +1,7 @@
+"""``python -m hlip_fast.train`` = ``hlip-train``."""
+
+import sys
+
+from .trainer import main
+
+sys.exit(main())

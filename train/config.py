@@ -1,0 +1,193 @@
+"""The training configuration: one typed dataclass, read from YAML/JSON and command-line flags
+(open_clip's flag names where one exists), checked before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp")
+READERS = ("cpu", "nvcomp")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the resolved config is saved as ``config.json`` in the run folder."""
+
+    # data
+    train_data: str = ""
+    val_data: str = ""
+    prompts: list[str] = field(default_factory=list)
+    max_tokens: int = 16384
+    max_studies: int | None = None
+    max_scans: int | None = None
+    jitter: float = 0.0
+    workers: int = 2
+    reader: str = "cpu"
+    # model
+    model: str = "vit_base_multiscan_h2_token1176"
+    text_model: str = "tiny"
+    embed_dim: int = 512
+    pretrained: str = ""
+    vision_pooling: str = "token"
+    text_pooling: str = "cls"
+    siglip: bool = False
+    lock_text: bool = True
+    lock_text_unlocked_layers: int = 0
+    force_patch_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    torchcompile: bool = False
+    attn_backend: str = "auto"
+    input_mean: float = 0.0
+    input_std: float = 1.0
+    # optimisation (HLIP's defaults: AdamW, lr 1e-5, wd 0.2, cosine with warm-up)
+    lr: float = 1e-5
+    wd: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 377
+    epochs: int = 20
+    steps: int | None = None
+    accum_freq: int = 1
+    grad_clip_norm: float | None = 1.0
+    precision: str = "auto"
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    fsdp: bool = False
+    # run, checkpoints, logging
+    logs: str = "logs"
+    name: str = ""
+    seed: int = 0
+    resume: str = ""
+    save_every: int = 500
+    keep: int = 3
+    log_every: int = 10
+    zeroshot_every: int = 0
+    report_to: str = ""
+    peak_tflops: float | None = None
+    max_nonfinite: int = 10
+    progress: bool = True
+    device: str = ""
+
+    def check(self) -> None:
+        """Raise ``ValueError`` listing every problem (paths, ranges, choices)."""
+        from hlip_fast.evaluation import load_prompts
+        from hlip_fast.models import list_models
+
+        problems = []
+        if not self.train_data:
+            problems.append("train_data is required (a folder written by hlip-prepare or hlip-synth)")
+        for key in ("train_data", "val_data"):
+            path = getattr(self, key)
+            if path and not (Path(path) / "index.json").is_file():
+                problems.append(f"{key} {path!r} is not a prepared shard folder (no index.json)")
+        if self.prompts and not self.val_data:
+            problems.append("prompts need val_data (held-out studies with labels)")
+        for prompt in self.prompts:
+            try:
+                load_prompts(prompt)
+            except (OSError, ValueError) as error:
+                problems.append(str(error))
+        if self.model not in list_models():
+            problems.append(f"unknown model {self.model!r}; available: {list_models()}")
+        if self.text_model != "tiny" and not Path(self.text_model).is_dir():
+            problems.append(f"text_model {self.text_model!r}: not a local folder (or 'tiny' to build one)")
+        if self.pretrained and not Path(self.pretrained).exists():
+            problems.append(f"pretrained {self.pretrained!r} does not exist")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} not in {PRECISIONS}")
+        if self.vision_pooling not in ("token", "avg") or self.text_pooling not in ("cls", "mean"):
+            problems.append("vision_pooling must be token or avg, text_pooling cls or mean")
+        if self.reader not in READERS:
+            problems.append(f"reader {self.reader!r} not in {READERS}")
+        if self.report_to not in ("", "tensorboard"):
+            problems.append(f"report_to {self.report_to!r}: '' or 'tensorboard'")
+        positive = (
+            "max_tokens",
+            "embed_dim",
+            "lr",
+            "accum_freq",
+            "save_every",
+            "keep",
+            "log_every",
+            "epochs",
+        )
+        problems += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
+        non_negative = ("wd", "warmup", "workers", "zeroshot_every", "max_nonfinite", "jitter")
+        problems += [
+            f"{k} must be >= 0, got {getattr(self, k)}" for k in non_negative if getattr(self, k) < 0
+        ]
+        if self.steps is not None and self.steps <= 0:
+            problems.append(f"steps must be > 0, got {self.steps}")
+        if not 0 <= self.force_patch_dropout < 1 or not 0 <= self.drop_path_rate < 1:
+            problems.append("force_patch_dropout and drop_path_rate must be in [0, 1)")
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+            problems.append(f"beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
+        if self.zeroshot_every and not self.prompts:
+            problems.append("zeroshot_every needs prompts")
+        if problems:
+            raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_type(f: dataclasses.Field):
+    """The field's type, ``X`` for ``X | None``."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags generated from :class:`TrainConfig` (``--lr``, ``--grad-checkpointing`` /
+    ``--no-grad-checkpointing``, ...), plus ``--config FILE``."""
+    parser = argparse.ArgumentParser(
+        "hlip-train", description="Contrastive pre-training of a hierarchical 3D CLIP (HLIP)."
+    )
+    parser.add_argument(
+        "--config", type=Path, help="YAML or JSON file of TrainConfig fields; flags override it"
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="*", default=None)
+        else:
+            parser.add_argument(flag, type=_parse_optional(kind), default=None)
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults ← ``--config`` file ← flags; unknown file keys are an error."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    if config_file := args.pop("config"):
+        text = config_file.read_text()
+        values = (json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)) or {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown := sorted(set(values) - known):
+            raise ValueError(f"{config_file}: unknown keys {unknown}")
+    values.update({k: v for k, v in args.items() if v is not None})
+    config = TrainConfig(**values)
+    config.check()
+    return config

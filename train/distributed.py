@@ -1,0 +1,72 @@
+"""Process group setup for ``torchrun`` (DDP/FSDP2) and the single-process case."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "") -> Dist:
+    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, gloo on the CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not device:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    target = torch.device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank, world_size, target)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reduce_sum(value: float, device: torch.device) -> float:
+    """Sum of ``value`` over ranks (the value itself in one process)."""
+    if not dist.is_initialized():
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def broadcast(value, src: int = 0):
+    """Rank ``src``'s picklable ``value`` on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather(value) -> list:
+    """Every rank's picklable ``value`` on every rank, in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
