@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (run through the device tool on an H200; builds nothing):
-#   GPU tests, then bench/attention.py (which also writes the auto-dispatch ranking),
+#   GPU tests, then bench/attention.py (which also writes the auto-dispatch ranking), the data
+#   benchmark and the training-step benchmark (ViT-B on CT-RATE-shaped volumes, bf16),
 #   results to $OUT (default bench/results/gpu_check). Budget: under 8 minutes.
 #
 # Optional backends travel as wheels in .whl/ (ignored by git; see the device README), e.g.
@@ -31,10 +32,12 @@ pytest=(timeout 100 python3 -P -m pytest -q -p no:cacheprovider)
 
 # 2. The attention benchmark; --install-table writes hlip_fast/attention/auto_table.json.
 cd bench
-timeout 220 python3 attention.py --install-table 2>&1 | tee "$OUT/attention.log"
+timeout 180 python3 attention.py --install-table 2>&1 | tee "$OUT/attention.log"
 # 3. The data benchmark: nvCOMP GPU decode beside the CPU reader (nvCOMP wheels in .whl/).
-timeout 90 python3 data.py --studies 64 --repeats 3 2>&1 | tee "$OUT/data.log"
+timeout 60 python3 data.py --studies 64 --repeats 3 2>&1 | tee "$OUT/data.log"
+# 4. Training steps: hlip_fast vs the padded HLIP pipeline, ViT-B, 112x336x336 volumes, bf16.
+timeout 120 python3 train.py --preset ct-rate --repeats 3 2>&1 | tee "$OUT/train.log"
 cd ..
-cp bench/results/attention_gpu_* bench/results/data_gpu_* "$OUT"/ 2>/dev/null
+cp bench/results/attention_gpu_* bench/results/data_gpu_* bench/results/train_cuda_* "$OUT"/ 2>/dev/null
 cp hlip_fast/attention/auto_table.json "$OUT"/ 2>/dev/null
 ls -l "$OUT"

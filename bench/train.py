@@ -49,7 +49,7 @@ PRESETS = {
         model="vit_base_singlescan_h2_token2744",
         overrides=dict(),
         text=dict(hidden=768, layers=12, heads=12),
-        studies=64,
+        studies=32,
         batch=16,
         in_plane=336,
         fixed_depth=112,

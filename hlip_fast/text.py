@@ -108,14 +108,17 @@ def build_tiny_text_model(
     layers: int = 2,
     heads: int = 2,
     dropout: float = 0.1,
+    mlm_steps: int = 0,
     seed: int = 0,
 ) -> Path:
     """A randomly initialised tiny BERT plus a WordPiece vocabulary of the words of ``texts``
     (split by tokenizers' BERT normaliser and pre-tokeniser), saved as a normal local model
-    folder (for tests, the demo and runs without a pretrained model). Same texts, same folder."""
+    folder (for tests, the demo and runs without a pretrained model). ``mlm_steps`` > 0 warms it
+    up with masked-language modelling on ``texts``. Same texts, same folder."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
+    texts = list(texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -153,5 +156,27 @@ def build_tiny_text_model(
     )
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
         torch.manual_seed(seed)
-        BertModel(config).save_pretrained(out)
+        model = BertModel(config) if not mlm_steps else _pretrain_mlm(config, tokenizer, texts, mlm_steps)
+        model.save_pretrained(out)
     return out
+
+
+def _pretrain_mlm(config, tokenizer, texts: list[str], steps: int, batch_size: int = 32):
+    """A few steps of masked-language modelling on ``texts`` (a domain warm start, as
+    BiomedBERT is for HLIP); returns the encoder without its MLM head."""
+    from transformers import BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
+
+    model = BertForMaskedLM(config).train()
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    encoded = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
+    order = torch.randperm(len(encoded))
+    for step in range(steps):
+        picks = order[(torch.arange(batch_size) + step * batch_size) % len(encoded)]
+        batch = collate([{"input_ids": encoded[i]} for i in picks.tolist()])
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    encoder = BertModel(config)  # with the (unused) pooler, so that it reloads without warnings
+    encoder.load_state_dict(model.bert.state_dict(), strict=False)
+    return encoder

@@ -34,6 +34,7 @@ class TrainConfig:
     # model
     model: str = "vit_base_multiscan_h2_token1176"
     text_model: str = "tiny"
+    text_mlm_steps: int = 0
     embed_dim: int = 512
     pretrained: str = ""
     vision_pooling: str = "token"
@@ -122,7 +123,15 @@ class TrainConfig:
             "epochs",
         )
         problems += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
-        non_negative = ("wd", "warmup", "workers", "zeroshot_every", "max_nonfinite", "jitter")
+        non_negative = (
+            "wd",
+            "warmup",
+            "workers",
+            "zeroshot_every",
+            "max_nonfinite",
+            "jitter",
+            "text_mlm_steps",
+        )
         problems += [
             f"{k} must be >= 0, got {getattr(self, k)}" for k in non_negative if getattr(self, k) < 0
         ]

@@ -57,14 +57,15 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _build_text_model(cfg: TrainConfig, run_dir: Path, dist: D.Dist) -> str:
-    """``text_model`` or, for ``tiny``, a tiny BERT whose vocabulary is learnt from the training
-    reports, built once per run (rank 0) in ``run_dir/text_model``."""
+    """``text_model`` or, for ``tiny``, a tiny BERT whose vocabulary comes from the training
+    reports (warmed up by ``text_mlm_steps`` of masked-language modelling on them), built once
+    per run (rank 0) in ``run_dir/text_model``."""
     if cfg.text_model != "tiny":
         return cfg.text_model
     folder = run_dir / "text_model"
     if dist.main and not (folder / "config.json").is_file():
         reports = [s.meta["report"] for shard in RawStudies(cfg.train_data).shards for s in read_shard(shard)]
-        build_tiny_text_model(folder, reports, seed=cfg.seed)
+        build_tiny_text_model(folder, reports, mlm_steps=cfg.text_mlm_steps, seed=cfg.seed)
     D.barrier()
     return str(folder)
 

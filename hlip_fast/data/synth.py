@@ -41,7 +41,7 @@ MR_FINDINGS = {
     "infarct": ({"T1": None, "T2": 0.9, "FLAIR": 1.0, "T1C": None}, (0.14, 0.22)),
 }
 CT_FINDINGS = {
-    "nodule": ({"CT": 60.0}, (0.1, 0.16)),
+    "nodule": ({"CT": 250.0}, (0.1, 0.16)),  # dense (calcified): distinct from consolidation
     "consolidation": ({"CT": -50.0}, (0.2, 0.28)),
     "effusion": ({"CT": 15.0}, (0.22, 0.3)),
 }
@@ -175,7 +175,8 @@ def _render(
     volume = _anatomy(config.modality, z, y, x, sequence, ventricle_scale)
     table = MR_FINDINGS if config.modality == "MR" else CT_FINDINGS
     key = sequence if config.modality == "MR" else "CT"
-    for finding in findings:
+    # Largest first, so that a smaller finding inside a larger one stays visible.
+    for finding in sorted(findings, key=lambda f: -f["radius"]):
         signal = table[finding["name"]][0][key]
         if signal is not None:
             r = finding["radius"]
