@@ -106,7 +106,7 @@ def padded_steps(model, depths, preset, gen, device, dtype, tokenizer):
         for i, study in enumerate(chunk):  # HLIP repeats a study's scans to fill its slots
             for slot in range(len(study), slots):
                 volumes[i, slot] = volumes[i, slot % len(study)]
-        tokens = tokenizer([REPORT] * len(chunk))
+        tokens = tokenizer([REPORT] * len(chunk), padding=True, return_tensors="pt")
         steps.append(
             (volumes.to(device), tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
         )
@@ -158,7 +158,11 @@ def _pipeline(name: str, args, text_dir: str) -> dict:
 
 
 def _child(name, args, text_dir, queue):
-    queue.put(_pipeline(name, args, text_dir))
+    try:
+        queue.put(_pipeline(name, args, text_dir))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises
+        queue.put(error)
+        raise
 
 
 def run_isolated(name: str, args, text_dir: str) -> dict:
@@ -170,6 +174,8 @@ def run_isolated(name: str, args, text_dir: str) -> dict:
     process.start()
     result = queue.get()
     process.join()
+    if isinstance(result, BaseException):
+        raise RuntimeError(f"the {name} pipeline failed in its process") from result
     return result
 
 
