@@ -4,5 +4,5 @@
 # Arguments go to the demo (python -m hlip_fast.train.demo --help); output in demo_run/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup_env.sh || exit 1
+source scripts/setup_env.sh "" || exit 1  # "": no extras (not the demo's arguments)
 python -m hlip_fast.train.demo "$@"

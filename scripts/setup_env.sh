@@ -16,9 +16,9 @@ fi
 py="$venv/bin/python"
 if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.14.1 torchvision==0.29.1 (takes a few minutes)"
-  "$py" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  "$py" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || { echo "[setup] torch install failed" >&2; return 1; }
 fi
 echo "[setup] installing hlip-fast${extras:+[$extras]}"
-"$py" -m pip install -q -e "$repo${extras:+[$extras]}"
+"$py" -m pip install -q -e "$repo${extras:+[$extras]}" || { echo "[setup] install failed" >&2; return 1; }
 export PATH="$venv/bin:$PATH"
 set +euo pipefail
