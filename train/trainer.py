@@ -348,8 +348,9 @@ class Trainer:
                 self.save()
             if self.evaluator and cfg.zeroshot_every != 0 and self.step % cfg.zeroshot_every:
                 metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, dist))
+            export = self.model_for_export()  # collective under FSDP: every rank takes part
             if dist.main:
-                save_pretrained(self.model_for_export(), self.run_dir / "final")
+                save_pretrained(export, self.run_dir / "final")
             D.barrier()
             return {"step": self.step, "stopped": None, **last}
         finally:
