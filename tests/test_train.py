@@ -312,3 +312,31 @@ def test_two_rank_ddp_equals_one_rank_with_the_same_global_batch(corpus, tmp_pat
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
     for key in ("visual_proj.weight", "text.proj.weight", "visual.blocks.0.attn.qkv.weight", "logit_scale"):
         assert (one[key] - initial[key]).abs().max() > 1e-4, f"{key} did not train"
+
+
+def test_accumulation_equals_the_whole_batch(corpus, tmp_path):
+    """--accum-freq 2 on two halves takes the same step as one batch of both (open_clip's
+    accumulation: the loss of each recomputed half is taken over the whole cached set)."""
+    from hlip_fast.train import distributed as D
+    from hlip_fast.train.trainer import Trainer
+
+    text = str(
+        build_tiny_text_model(
+            tmp_path / "bert", ["no nodule.", "a large nodule in the left lung."], dropout=0
+        )
+    )
+    weights = {}
+    for accum in (1, 2):
+        flags = shlex.split(
+            f"--name a{accum} --model vit_tiny_singlescan_h2 --embed-dim 16 --no-lock-text --lr 1e-3 "
+            f"--warmup 1 --steps 2 --accum-freq {accum}"
+        )
+        cfg = load_config(
+            ["--train-data", str(corpus / "train"), "--logs", str(tmp_path), "--text-model", text, *flags]
+        )
+        trainer = Trainer(cfg, D.setup("cpu"))
+        halves = list(fixed_batches(trainer, 2, 0, steps=1)) + list(fixed_batches(trainer, 2, 1, steps=1))
+        trainer.train_step(halves if accum == 2 else list(fixed_batches(trainer, 1, 0, steps=1)))
+        weights[accum] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for key, value in weights[1].items():
+        torch.testing.assert_close(weights[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
