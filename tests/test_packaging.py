@@ -53,6 +53,7 @@ def test_regular_install_keeps_kernels_and_train_inside_the_package(tmp_path):
     )
     assert (site / "hlip_fast" / "kernels" / "__init__.py").is_file()
     assert (site / "hlip_fast" / "train" / "__init__.py").is_file()
+    assert (site / "hlip_fast" / "evaluation" / "prompts" / "synth_ct.yaml").is_file()  # package data
     assert not (site / "kernels").exists() and not (site / "train").exists()
     assert run_probe(tmp_path, PYTHONPATH=str(site)) == site / "hlip_fast" / "kernels" / "__init__.py"
 
