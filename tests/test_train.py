@@ -340,3 +340,8 @@ def test_accumulation_equals_the_whole_batch(corpus, tmp_path):
         weights[accum] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for key, value in weights[1].items():
         torch.testing.assert_close(weights[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fsdp_is_refused_with_a_reason(corpus, tmp_path):
+    with pytest.raises(ValueError, match="--fsdp is not supported yet"):
+        load_config(["--train-data", str(corpus / "train"), "--fsdp"])
