@@ -62,7 +62,9 @@ def convert_hlip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
         for pattern, target in _HLIP_RULES:
             if pattern.fullmatch(name):
                 if target is not None:
-                    converted[pattern.sub(target, name)] = value
+                    new = pattern.sub(target, name)
+                    # open_clip's temperature and bias are scalars; hlip_fast's have shape (1,).
+                    converted[new] = value.reshape(1) if new in ("logit_scale", "logit_bias") else value
                 break
         else:
             unmatched.append(key)

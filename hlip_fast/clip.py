@@ -64,8 +64,9 @@ class HLIPModel(nn.Module):
         self.visual_proj = nn.Linear(config.vision.embed_dim, config.embed_dim, bias=False)
         self.text = TextTower(config.text, config.embed_dim)
         siglip = config.loss == "siglip"
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0) if siglip else math.log(1 / 0.07)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+        # Shape (1,), not scalars: FSDP2 shards only parameters with at least one dimension.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0) if siglip else math.log(1 / 0.07)]))
+        self.logit_bias = nn.Parameter(torch.tensor([-10.0])) if siglip else None
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.text.tokenize(texts)

@@ -241,7 +241,7 @@ def fixed_batches(trainer, ranks: int, rank: int, steps: int = 3, per_step: int 
         yield collate(members, model.config.vision.patch_size)
 
 
-def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: Path) -> None:
+def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: Path, tag: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -254,40 +254,22 @@ def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: P
     from hlip_fast.train.trainer import Trainer
 
     dist = D.setup("cpu")
+    flags = shlex.split(
+        f"--name {tag} --model vit_tiny_singlescan_h2 --embed-dim 16 --no-lock-text --lr 1e-3 --warmup 1 "
+        "--steps 3 --local-loss --gather-with-grad --wd 0.1" + (" --fsdp" if "fsdp" in tag else "")
+    )
     cfg = load_config(
-        [
-            "--train-data",
-            str(corpus / "train"),
-            "--logs",
-            str(out),
-            "--name",
-            f"w{world}",
-            "--model",
-            "vit_tiny_singlescan_h2",
-            "--embed-dim",
-            "16",
-            "--text-model",
-            text,
-            "--no-lock-text",
-            "--lr",
-            "1e-3",
-            "--warmup",
-            "1",
-            "--steps",
-            "3",
-            "--local-loss",
-            "--gather-with-grad",
-            "--wd",
-            "0.1",
-        ]
+        ["--train-data", str(corpus / "train"), "--logs", str(out), "--text-model", text, *flags]
     )
     trainer = Trainer(cfg, dist)
+    initial = trainer.model_for_export()  # gathered on rank 0 under FSDP
     if dist.main:
-        torch.save(trainer.model.state_dict(), out / f"initial{world}.pt")
+        torch.save(initial.state_dict(), out / f"initial_{tag}.pt")
     for batch in fixed_batches(trainer, world, rank):
         trainer.train_step([batch])
+    trained = trainer.model_for_export()
     if dist.main:
-        torch.save(trainer.model.state_dict(), out / f"world{world}.pt")
+        torch.save(trained.state_dict(), out / f"{tag}.pt")
     D.teardown()
 
 
@@ -297,19 +279,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_rank_ddp_equals_one_rank_with_the_same_global_batch(corpus, tmp_path):
+def test_two_rank_ddp_and_fsdp_equal_one_rank_with_the_same_global_batch(corpus, tmp_path):
     text = str(
         build_tiny_text_model(tmp_path / "bert", ["no mass.", "a small mass in the left lobe."], dropout=0.0)
     )
-    for world in (1, 2):
+    runs = [(1, "one"), (2, "ddp"), (2, "fsdp")]
+    for world, tag in runs:
         mp.start_processes(
-            ddp_worker, args=(world, free_port(), corpus, text, tmp_path), nprocs=world, start_method="spawn"
+            ddp_worker,
+            args=(world, free_port(), corpus, text, tmp_path, tag),
+            nprocs=world,
+            start_method="spawn",
         )
-    one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
-    initial = torch.load(tmp_path / "initial1.pt")
-    torch.testing.assert_close(torch.load(tmp_path / "initial2.pt"), initial, rtol=0, atol=0)
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
+    one, initial = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "initial_one.pt")
+    for _, tag in runs[1:]:
+        torch.testing.assert_close(torch.load(tmp_path / f"initial_{tag}.pt"), initial, rtol=0, atol=0)
+        other = torch.load(tmp_path / f"{tag}.pt")
+        for key in one:
+            torch.testing.assert_close(other[key], one[key], rtol=1e-4, atol=2e-5, msg=f"{tag}: {key}")
     for key in ("visual_proj.weight", "text.proj.weight", "visual.blocks.0.attn.qkv.weight", "logit_scale"):
         assert (one[key] - initial[key]).abs().max() > 1e-4, f"{key} did not train"
 
@@ -340,8 +327,3 @@ def test_accumulation_equals_the_whole_batch(corpus, tmp_path):
         weights[accum] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for key, value in weights[1].items():
         torch.testing.assert_close(weights[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
-
-
-def test_fsdp_is_refused_with_a_reason(corpus, tmp_path):
-    with pytest.raises(ValueError, match="--fsdp is not supported yet"):
-        load_config(["--train-data", str(corpus / "train"), "--fsdp"])

@@ -143,8 +143,8 @@ class TrainConfig:
             problems.append(f"beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.zeroshot_every and not self.prompts:
             problems.append("zeroshot_every needs prompts")
-        if self.fsdp:
-            problems.append("--fsdp is not supported yet: FSDP2 cannot shard the scalar logit_scale; use DDP")
+        if self.zeroshot_every and self.fsdp:
+            problems.append("zero-shot evaluation during training runs on rank 0 only; not with --fsdp")
         if problems:
             raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
 

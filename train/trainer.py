@@ -50,6 +50,11 @@ class TrainingStopped(RuntimeError):
     """The run stopped before its last step (divergence); the message says what to do."""
 
 
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter (gathered from every rank when FSDP2 shards it: a collective)."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "amp_bf16" if device.type == "cuda" else "fp32"
@@ -81,6 +86,7 @@ class Trainer:
         D.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self._build_model()
+        self.net = self._wrap(self.model)  # before the optimizer: FSDP2 replaces the parameters
         self.dtype = _autocast_dtype(cfg.precision, dist.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
@@ -90,7 +96,6 @@ class Trainer:
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.dtype == torch.float16)
         self.loss = SigLipLoss() if cfg.siglip else ClipLoss(cfg.local_loss, cfg.gather_with_grad)
-        self.net = self._wrap(self.model)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep)
         self.step, self.epoch, self.batch_in_epoch, self.nonfinite = 0, 0, 0, 0
         self.saved_step = -1
@@ -358,16 +363,16 @@ class Trainer:
             metrics.close()
             signal.signal(signal.SIGTERM, previous)
 
-    def model_for_export(self) -> HLIPModel:
-        """The plain model with full weights (gathered from the shards under FSDP)."""
+    def model_for_export(self) -> HLIPModel | None:
+        """The plain model with full weights; under FSDP gathered from the shards (a collective)
+        onto rank 0, the others get ``None``."""
         if not self.cfg.fsdp:
             return self.model
-        state, _ = get_state_dict(
-            self.net, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        plain = create_clip(
-            self.model.config.vision, self.model.config.text, embed_dim=self.model.config.embed_dim
-        )
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state, _ = get_state_dict(self.net, [], options=options)
+        if not self.dist.main:
+            return None
+        plain = HLIPModel(self.model.config)
         plain.load_state_dict(state)
         return plain
 
@@ -381,7 +386,7 @@ class Trainer:
             "epoch": self.epoch,
             "loss": result["loss"],
             "lr": result["lr"],
-            "logit_scale": float(self.model.logit_scale.detach().exp()),
+            "logit_scale": float(_full(self.model.logit_scale).detach().exp()),
             "grad_norm": result["grad_norm"],
             "nonfinite_steps": self.nonfinite,
             "studies": int(studies),
