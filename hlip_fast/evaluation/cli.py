@@ -81,6 +81,20 @@ def batches_from_args(model, args: argparse.Namespace, skipped: list[dict]) -> I
     return study_batches(model, studies, args.max_tokens)
 
 
+def _embed_data(model, args: argparse.Namespace, with_text: bool):
+    """The data argument's study (and report) embeddings, and the items skipped on the way."""
+    skipped: list[dict] = []
+    embeddings = embed_batches(
+        model,
+        batches_from_args(model, args, skipped),
+        device=args.device,
+        with_text=with_text,
+        autocast_dtype=PRECISIONS[args.precision],
+        progress=not args.quiet,
+    )
+    return embeddings, skipped
+
+
 def _run(main, name: str, argv: list[str] | None) -> int:
     try:
         return main(argv)
@@ -114,15 +128,7 @@ def _eval(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     model = model_from_args(args).to(args.device)
     classifiers = [ZeroShotClassifier.build(model, load_prompts(p)) for p in args.prompts]
-    skipped: list[dict] = []
-    embeddings = embed_batches(
-        model,
-        batches_from_args(model, args, skipped),
-        device=args.device,
-        with_text=not args.no_retrieval,
-        autocast_dtype=PRECISIONS[args.precision],
-        progress=not args.quiet,
-    )
+    embeddings, skipped = _embed_data(model, args, with_text=not args.no_retrieval)
     results = evaluate_embeddings(
         embeddings, classifiers, model.logit_scale.exp().item(), threshold=args.threshold
     )
@@ -147,15 +153,7 @@ def _embed(argv: list[str] | None) -> int:
     )
     args = parser.parse_args(argv)
     model = model_from_args(args).to(args.device)
-    skipped: list[dict] = []
-    embeddings = embed_batches(
-        model,
-        batches_from_args(model, args, skipped),
-        device=args.device,
-        with_text=False,
-        autocast_dtype=PRECISIONS[args.precision],
-        progress=not args.quiet,
-    )
+    embeddings, skipped = _embed_data(model, args, with_text=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "study_ids": json.dumps(embeddings.study_ids),
