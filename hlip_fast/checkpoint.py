@@ -1,15 +1,17 @@
 """Checkpoints: hlip_fast's own format and the original HLIP (open_clip) layout.
 
 Own format: a folder with ``model.safetensors`` (weights, read without unpickling),
-``config.json`` (the :class:`~hlip_fast.clip.ClipConfig`) and ``text/`` (tokenizer and text
-encoder config, so the folder needs nothing else). Original HLIP checkpoints are open_clip
-``CustomTextCLIP`` state dicts; ``.pt`` files are only ever read with ``weights_only=True``.
+``config.json`` (the :class:`~hlip_fast.clip.ClipConfig`), ``text/`` (tokenizer and text
+encoder config, so the folder needs nothing else) and ``checksums.json`` (every other file's
+checksum, verified on load). Original HLIP checkpoints are open_clip ``CustomTextCLIP`` state
+dicts; ``.pt`` files are only ever read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,14 +20,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from .clip import ClipConfig, HLIPModel
+from .errors import IntegrityError
+from .files import read_json, write_json
+from .integrity import file_digest
 from .models import VisionConfig
 from .models.registry import get_config
 from .text import TextConfig
 
-WEIGHTS, CONFIG, TEXT_DIR = "model.safetensors", "config.json", "text"
+WEIGHTS, CONFIG, TEXT_DIR, CHECKSUMS = "model.safetensors", "config.json", "text", "checksums.json"
+log = logging.getLogger(__name__)
 FORMAT = "hlip_fast.clip/1"
 # HLIP's input normalisation: ImageNet's mean and std averaged over the RGB channels.
 HLIP_INPUT_MEAN, HLIP_INPUT_STD = 0.449, 0.226
@@ -85,7 +92,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path}: not a readable safetensors file (truncated or damaged?): {error}"
+            ) from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
@@ -156,6 +168,8 @@ def save_pretrained(model: HLIPModel, out_dir: str | os.PathLike) -> Path:
         config = {"format": FORMAT, **dataclasses.replace(model.config, text=text).to_dict()}
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
         save_model(model, str(staging / WEIGHTS), metadata={"format": FORMAT})
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        write_json(staging / CHECKSUMS, {str(p.relative_to(staging)): file_digest(p) for p in files})
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -164,20 +178,37 @@ def save_pretrained(model: HLIPModel, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def verify_folder(root: Path) -> None:
+    """Check every file ``checksums.json`` lists (a folder written before checksums: a warning)."""
+    if not (root / CHECKSUMS).is_file():
+        log.warning("%s has no %s: its files cannot be verified", root, CHECKSUMS)
+        return
+    for name, expected in read_json(root / CHECKSUMS).items():
+        if not (root / name).is_file():
+            raise IntegrityError(f"{root / name}: missing from the checkpoint folder")
+        if file_digest(root / name) != expected:
+            raise IntegrityError(f"{root / name}: checksum mismatch: the file is damaged")
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> HLIPModel:
-    """A model saved by :func:`save_pretrained` (no unpickling), in eval mode on ``device``."""
+    """A model saved by :func:`save_pretrained` (no unpickling, checksums verified), in eval
+    mode on ``device``."""
     root = Path(path)
     if not (root / CONFIG).is_file() or not (root / WEIGHTS).is_file():
         raise FileNotFoundError(
             f"{root} is not an hlip_fast checkpoint folder (needs {CONFIG} and {WEIGHTS})"
         )
-    data = json.loads((root / CONFIG).read_text())
+    verify_folder(root)
+    data = read_json(root / CONFIG)
     if data.pop("format", None) != FORMAT:
         raise ValueError(f"{root / CONFIG}: not written by hlip_fast (expected format {FORMAT})")
     text_dir = Path(data["text"]["model"])
     data["text"]["model"] = str(text_dir if text_dir.is_absolute() else root / text_dir)
     model = HLIPModel(ClipConfig.from_dict(data))
-    missing, unexpected = load_model(model, str(root / WEIGHTS), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(root / WEIGHTS), strict=False)
+    except SafetensorError as error:
+        raise ValueError(f"{root / WEIGHTS}: not a readable safetensors file: {error}") from None
     missing = [k for k in missing if not _OPTIONAL.fullmatch(k)]
     if missing or unexpected:
         raise ValueError(f"{root / WEIGHTS}: missing {missing[:8]}, unexpected {unexpected[:8]}")

@@ -17,6 +17,7 @@ import torch
 
 from . import create_model, list_backends, pack_studies
 from .attention import available_backends
+from .boundary import add_debug_flag, command
 
 
 def synthetic_studies(
@@ -58,7 +59,8 @@ def relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> 
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+@command("python -m hlip_fast.demo")
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         args.device,
         "(a demo, not a benchmark: see bench/ for measured comparisons).",
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -50,7 +50,12 @@ def test_own_format_round_trip_needs_no_pickle(tiny_text, tmp_path):
     with torch.no_grad():
         model.logit_bias.fill_(-3.5)
     folder = hlip_fast.save_pretrained(model, tmp_path / "run" / "final")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "text"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checksums.json",
+        "config.json",
+        "model.safetensors",
+        "text",
+    ]
     assert not list(tmp_path.glob("run/.final.*")), "staging folder left behind"
     loaded = hlip_fast.load_pretrained(folder)
     assert loaded.config.input_mean == 0.4 and loaded.config.vision == model.config.vision

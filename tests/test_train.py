@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from hlip_fast.data import synthesize
 from hlip_fast.data.batching import collate
-from hlip_fast.data.reader import RawStudies, decode_cpu, decoded_studies
+from hlip_fast.data.reader import RawStudies, decoded_studies
 from hlip_fast.data.synth import SIZES
 from hlip_fast.text import build_tiny_text_model
 
@@ -113,7 +113,10 @@ def test_short_run_loss_falls_and_exports(corpus, tmp_path):
     assert all(r["studies_per_s"] > 0 and r["tokens_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in rows)
     evals = [r for r in metrics(run) if "zeroshot/synth_ct" in r]
     assert [r["step"] for r in evals] == [20, 40] and (run / "eval" / "step_00000040.md").is_file()
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000040.pt"]  # keep 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [  # keep 1, with its checksum
+        "step_00000040.pt",
+        "step_00000040.pt.sum",
+    ]
     assert json.loads((run / "config.json").read_text())["lr"] == 2e-3
     from hlip_fast import load_pretrained
 
@@ -192,7 +195,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(corpus, tmp_path):
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     assert "stopped by SIGTERM" in output
-    (checkpoint,) = (tmp_path / "term" / "checkpoints").iterdir()
+    (checkpoint,) = (tmp_path / "term" / "checkpoints").glob("*.pt")
     state = torch.load(checkpoint, weights_only=True)
     assert 1 <= state["step"] < 1000 and checkpoint.name == f"step_{state['step']:08d}.pt"
 
@@ -219,7 +222,7 @@ def test_divergence_stops_with_the_last_good_checkpoint(corpus, tmp_path, capsys
     assert train_main(args) == 3
     err = capsys.readouterr().err
     assert "3 consecutive steps with a non-finite loss" in err
-    (checkpoint,) = (tmp_path / "nan" / "checkpoints").iterdir()
+    (checkpoint,) = (tmp_path / "nan" / "checkpoints").glob("*.pt")
     state = torch.load(checkpoint, weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # Written at the first non-finite step, whose update was skipped: the weights from before it.
@@ -234,7 +237,7 @@ def fixed_batches(trainer, ranks: int, rank: int, steps: int = 3, per_step: int 
     """The same global batches for any number of ranks; rank r takes the r-th share of each."""
     model, cfg = trainer.model, trainer.cfg
     raws = RawStudies(cfg.train_data, train=False, rank=0, world_size=1)
-    studies = list(decoded_studies(((r, decode_cpu(r)) for r in raws), reader_config(cfg, model), False, 0))
+    studies = list(decoded_studies(raws, reader_config(cfg, model), False, 0))
     share = per_step // ranks
     for step in range(steps):
         members = studies[step * per_step + rank * share : step * per_step + (rank + 1) * share]
@@ -316,7 +319,7 @@ def test_accumulation_equals_the_whole_batch(corpus, tmp_path):
     for accum in (1, 2):
         flags = shlex.split(
             f"--name a{accum} --model vit_tiny_singlescan_h2 --embed-dim 16 --no-lock-text --lr 1e-3 "
-            f"--warmup 1 --steps 2 --accum-freq {accum}"
+            f"--warmup 1 --steps 2 --accum-freq {accum} --max-tokens 1024"
         )
         cfg = load_config(
             ["--train-data", str(corpus / "train"), "--logs", str(tmp_path), "--text-model", text, *flags]

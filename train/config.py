@@ -5,16 +5,53 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from hlip_fast.boundary import add_debug_flag
+from hlip_fast.files import read_config_file
 
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp")
 READERS = ("cpu", "nvcomp")
+ON_ERROR = ("raise", "skip")
+RUN_ONLY = frozenset(
+    {
+        "logs",
+        "name",
+        "resume",
+        "resume_override",
+        "progress",
+        "log_every",
+        "save_every",
+        "keep",
+        "report_to",
+        "zeroshot_every",
+        "prompts",
+        "val_data",
+        "peak_tflops",
+        "max_nonfinite",
+        "on_error",
+        "max_skipped",
+        "pretrained",
+    }
+)
+"""Fields a resumed run may change freely: they do not change the weights it trains."""
+FIXED = frozenset(
+    {
+        "model",
+        "embed_dim",
+        "text_model",
+        "text_mlm_steps",
+        "siglip",
+        "lock_text",
+        "lock_text_unlocked_layers",
+        "max_scans",
+    }
+)
+"""Fields a resumed run can never change: they shape the model and its optimizer state."""
 
 
 @dataclass
@@ -76,6 +113,9 @@ class TrainConfig:
     report_to: str = ""
     peak_tflops: float | None = None
     max_nonfinite: int = 10
+    on_error: str = "raise"
+    max_skipped: float = 0.01
+    resume_override: list[str] = field(default_factory=list)
     progress: bool = True
     device: str = ""
 
@@ -145,8 +185,46 @@ class TrainConfig:
             problems.append("zeroshot_every needs prompts")
         if self.zeroshot_every and self.fsdp:
             problems.append("zero-shot evaluation during training runs on rank 0 only; not with --fsdp")
+        problems += self._number_problems()
+        if self.on_error not in ON_ERROR:
+            problems.append(f"on_error {self.on_error!r} not in {ON_ERROR}")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown := sorted(set(self.resume_override) - known):
+            problems.append(f"resume_override names unknown field(s) {unknown}")
+        if fixed := sorted(set(self.resume_override) & FIXED):
+            problems.append(f"resume_override: {fixed} can never change on resume (they shape the model)")
+        if self.resume_override and not self.resume:
+            problems.append("resume_override needs resume (latest or a checkpoint path)")
         if problems:
             raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+
+    def _number_problems(self) -> list[str]:
+        """Finiteness and the ranges the generic checks above do not cover."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name} must be a finite number, got {value}")
+        if problems:
+            return problems
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            problems.append(
+                f"grad_clip_norm must be > 0 (or none to turn clipping off), got {self.grad_clip_norm}"
+            )
+        if self.eps <= 0 or self.input_std <= 0:
+            problems.append(f"eps and input_std must be > 0, got {self.eps}, {self.input_std}")
+        if self.jitter >= 1:
+            problems.append(f"jitter must be in [0, 1) (intensity scale 1 ± jitter), got {self.jitter}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            problems.append(f"peak_tflops must be > 0, got {self.peak_tflops}")
+        for key in ("max_studies", "max_scans"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                problems.append(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
+        if self.max_skipped < 0 or (self.max_skipped >= 1 and self.max_skipped != int(self.max_skipped)):
+            problems.append(
+                f"max_skipped must be a fraction in [0, 1) or a whole count >= 1, got {self.max_skipped}"
+            )
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,15 +245,40 @@ def _parse_optional(kind):
     return parse
 
 
+def _typed(name: str, value, where: str):
+    """A config-file ``value`` checked against the field's type (YAML gives text for ``1e-3``
+    without a dot, for example); a ``ValueError`` naming the file and field otherwise."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    kind, hint = _field_type(f), typing.get_type_hints(TrainConfig)[name]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (str, bool) and isinstance(value, kind):
+        return value
+    if typing.get_origin(kind) is list:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return items
+    wanted = {float: "a number", int: "a whole number", str: "text", bool: "true or false"}.get(
+        kind, "a list of text"
+    )
+    raise ValueError(f"{where}: {name} must be {wanted}{' or null' if optional else ''}, got {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from :class:`TrainConfig` (``--lr``, ``--grad-checkpointing`` /
-    ``--no-grad-checkpointing``, ...), plus ``--config FILE``."""
+    ``--no-grad-checkpointing``, ...), plus ``--config FILE`` and ``--debug``."""
     parser = argparse.ArgumentParser(
         "hlip-train", description="Contrastive pre-training of a hierarchical 3D CLIP (HLIP)."
     )
     parser.add_argument(
         "--config", type=Path, help="YAML or JSON file of TrainConfig fields; flags override it"
     )
+    add_debug_flag(parser)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
@@ -191,13 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults ← ``--config`` file ← flags; unknown file keys are an error."""
     args = vars(build_parser().parse_args(argv))
+    args.pop("debug")
     values: dict = {}
     if config_file := args.pop("config"):
-        text = config_file.read_text()
-        values = (json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)) or {}
+        values = read_config_file(config_file) or {}
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{config_file}: expected a mapping of TrainConfig fields, got {type(values).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown := sorted(set(values) - known):
             raise ValueError(f"{config_file}: unknown keys {unknown}")
+        values = {k: _typed(k, v, str(config_file)) for k, v in values.items()}
     values.update({k: v for k, v in args.items() if v is not None})
     config = TrainConfig(**values)
     config.check()

@@ -1,16 +1,17 @@
-"""Training batches for one rank and epoch, and how many steps an epoch holds."""
+"""Training batches for one rank and epoch, and the epoch plan: how many steps an epoch holds and
+whether these data and settings can train at all (checked before any work starts)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from hlip_fast.data.batching import Batch, TokenBudget
 from hlip_fast.data.reader import BatchConfig, RawStudies, StudyBatches, cpu_loader
+from hlip_fast.data.shards import read_index
 from hlip_fast.data.transforms import ReaderConfig, Study
 
 from .config import TrainConfig
@@ -29,38 +30,98 @@ def reader_config(cfg: TrainConfig, model) -> ReaderConfig:
     )
 
 
-def batch_config(cfg: TrainConfig, model) -> BatchConfig:
-    return BatchConfig(
-        patch_size=model.config.vision.patch_size, max_tokens=cfg.max_tokens, max_studies=cfg.max_studies
-    )
+def batch_config(cfg: TrainConfig, patch_size: tuple[int, int, int]) -> BatchConfig:
+    return BatchConfig(patch_size=tuple(patch_size), max_tokens=cfg.max_tokens, max_studies=cfg.max_studies)
 
 
 def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Batch]:
-    """This rank's token-budget batches of ``epoch`` (CPU workers, or nvCOMP decoding on the GPU)."""
-    raw = RawStudies(cfg.train_data, train=True, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    """This rank's token-budget batches of ``epoch`` (CPU workers, or nvCOMP decoding on the GPU);
+    the studies skipped as damaged (``--on-error skip``) collect in its ``skipped`` list."""
+    raw = RawStudies(
+        cfg.train_data,
+        train=True,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        on_error=cfg.on_error,
+    )
     raw.set_epoch(epoch)
+    batching = batch_config(cfg, model.config.vision.patch_size)
     if cfg.reader == "nvcomp":
         from hlip_fast.data.gpu import NvcompDecoder
 
-        return StudyBatches(
-            raw, reader_config(cfg, model), batch_config(cfg, model), decode=NvcompDecoder(dist.device)
-        )
-    dataset = StudyBatches(raw, reader_config(cfg, model), batch_config(cfg, model))
+        return StudyBatches(raw, reader_config(cfg, model), batching, decode=NvcompDecoder(dist.device))
+    dataset = StudyBatches(raw, reader_config(cfg, model), batching)
     return cpu_loader(dataset, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
 
-def steps_per_epoch(cfg: TrainConfig, model, world_size: int) -> int:
-    """Steps per rank and epoch, from the shard index alone: the token-budget packing of every
-    study (its first ``max_scans`` scans, as shapes only) split over the ranks. Packing order
-    shuffles each epoch, so an epoch may end a step or two earlier or later."""
-    index = json.loads((Path(cfg.train_data) / "index.json").read_text())
-    batching = batch_config(cfg, model)
-    budget = TokenBudget(batching.max_tokens, batching.patch_size, max_studies=batching.max_studies)
-    keep = model.config.vision.max_num_scans
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch of ``train_data`` holds, from its index alone (shapes, no pixels)."""
+
+    studies: int
+    batches: int
+    smallest: tuple[str, int]
+    grid: tuple[int, int]
+
+    def steps_per_rank(self, world_size: int, accum_freq: int) -> int:
+        """Steps per rank and epoch. Packing order shuffles each epoch, so an epoch may end a step
+        or two earlier or later."""
+        return max(1, math.ceil(self.batches / world_size / accum_freq))
+
+
+def plan_epoch(cfg: TrainConfig, patch_size: tuple[int, int, int], max_scans: int) -> EpochPlan:
+    """The token-budget packing of every study of the index (its first ``max_scans`` scans)."""
+    index = read_index(cfg.train_data)
+    batching = batch_config(cfg, patch_size)
     studies = [
-        Study(s["study_id"], [torch.empty(shape, device="meta") for shape in s["shapes"][:keep]], "")
+        Study(s["study_id"], [torch.empty(shape, device="meta") for shape in s["shapes"][:max_scans]], "")
         for shard in index["shards"]
         for s in shard["studies"]
     ]
-    steps = sum(1 for _ in budget(studies)) / world_size
-    return max(1, math.ceil(steps / cfg.accum_freq))
+    tokens = [s.tokens(batching.patch_size) for s in studies]
+    budget = TokenBudget(batching.max_tokens, batching.patch_size, max_studies=batching.max_studies)
+    batches = sum(1 for _ in budget(studies))
+    smallest = min(zip(tokens, (s.study_id for s in studies)), default=(0, ""))
+    return EpochPlan(
+        studies=len(studies),
+        batches=batches,
+        smallest=(smallest[1], smallest[0]),
+        grid=tuple(index["config"]["grid"]),
+    )
+
+
+def plan_problems(
+    cfg: TrainConfig, plan: EpochPlan, patch_size: tuple[int, int, int], world_size: int
+) -> list[str]:
+    """Why these data and settings could never make a useful step (empty when they can)."""
+    if plan.studies == 0:
+        return [f"train_data {cfg.train_data!r} holds no studies"]
+    problems = []
+    if plan.grid[0] % patch_size[1] or plan.grid[1] % patch_size[2]:
+        problems.append(
+            f"train_data's in-plane grid {plan.grid} is not divisible by the model's patch "
+            f"{tuple(patch_size[1:])}: prepare it with a grid that is"
+        )
+    study, tokens = plan.smallest
+    if tokens > cfg.max_tokens:
+        problems.append(
+            f"max_tokens {cfg.max_tokens} is smaller than every study (the smallest, {study!r}, has {tokens} "
+            "tokens): every step would hold one study and learn nothing; raise --max-tokens"
+        )
+    per_rank = max(1, plan.batches // world_size)  # each rank packs its own studies
+    if plan.studies < world_size:
+        problems.append(f"{world_size} ranks but train_data holds {plan.studies} studies: use fewer ranks")
+    elif per_rank < cfg.accum_freq:
+        problems.append(
+            f"accum_freq {cfg.accum_freq} needs that many batches per step on each rank, but an epoch "
+            f"holds only {per_rank} per rank ({plan.studies} studies, --max-tokens {cfg.max_tokens}): "
+            "lower --accum-freq"
+        )
+    per_step = plan.studies / per_rank * cfg.accum_freq
+    if not problems and per_step < 2:
+        problems.append(
+            f"a step would hold about {per_step:.1f} studies; the contrastive loss needs at least 2 "
+            "(with 1 it is 0 and nothing is learned): raise --max-tokens or --max-studies, or --accum-freq"
+        )
+    return problems

@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from hlip_fast.boundary import add_debug_flag, command
 from hlip_fast.data import PrepareConfig, SynthConfig, prepare, write_raw
 from hlip_fast.evaluation.cli import eval_main
 
@@ -33,7 +34,7 @@ PROMPTS = "synth_ct"
 TRAIN_FLAGS = shlex.split(
     "--model vit_tiny_multiscan_h2 --embed-dim 64 --max-tokens 16384 --max-studies 32 --warmup 20 --lr 2e-3 "
     "--wd 0.05 --no-lock-text --vision-pooling avg --text-pooling mean --text-mlm-steps 400 "
-    "--input-mean 0.449 --input-std 0.226 --save-every 200 --zeroshot-every 200"
+    "--input-mean 0.449 --input-std 0.226 --save-every 200 --zeroshot-every 200 --resume latest"
 )
 
 
@@ -52,6 +53,7 @@ def _corpus(out: Path, name: str, config: SynthConfig, workers: int, progress: b
     return out / f"shards_{name}"
 
 
+@command("python -m hlip_fast.train.demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         "hlip_fast.train.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quiet", action="store_true")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     progress = not args.quiet

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,33 @@ def teardown() -> None:
 
 def reduce_sum(value: float, device: torch.device) -> float:
     """Sum of ``value`` over ranks (the value itself in one process)."""
+    return reduce_sums([value], device)[0]
+
+
+def reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sums of ``values`` over ranks in one collective."""
     if not dist.is_initialized():
-        return float(value)
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return float(tensor.item())
+    return tensor.tolist()
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """``fn()`` on rank 0 only; its exception is raised on every rank, so no rank waits forever
+    at the next collective for one that failed. The other ranks get ``None``."""
+    if not dist.is_initialized():
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as caught:  # noqa: BLE001 - re-raised on every rank just below
+            error = caught
+    error = broadcast(error)
+    if error is not None:
+        raise error
+    return result
 
 
 def broadcast(value, src: int = 0):

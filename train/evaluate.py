@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hlip_fast.data.reader import RawStudies, decode_cpu, decoded_studies
+from hlip_fast.data.reader import RawStudies, decoded_studies
 from hlip_fast.evaluation import (
     ZeroShotClassifier,
     embed_batches,
@@ -34,7 +34,7 @@ class ZeroShotEval:
             was_training = model.training
             classifiers = [ZeroShotClassifier.build(model.eval(), p) for p in self.prompt_sets]
             raws = RawStudies(cfg.val_data, train=False, rank=0, world_size=1)
-            studies = decoded_studies(((r, decode_cpu(r)) for r in raws), reader_config(model), False, 0)
+            studies = decoded_studies(raws, reader_config(model), False, 0)
             embeddings = embed_batches(
                 model, study_batches(model, studies, cfg.max_tokens), device=dist.device, progress=False
             )

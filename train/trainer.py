@@ -5,6 +5,13 @@ One process on the CPU or a GPU, or one per GPU under ``torchrun`` (DDP, or FSDP
 cached and each micro-batch is recomputed against the whole set (open_clip's accumulation, so
 the contrastive loss sees every pair). Every rank runs the same number of steps: each reads
 its own shards and moves to its next epoch on its own.
+
+A run never ends with wrong weights and exit 0: settings that could never train are refused
+before any work, the run folder is locked against a second trainer, a resume verifies its
+checkpoint (falling back to the newest intact one) and refuses changed settings unless
+``--resume-override`` names them, weights are checked finite before every save, damaged
+studies stop the run or are counted against ``--max-skipped``, and SIGTERM/SIGINT stop it
+cleanly between micro-batches with a checkpoint that resumes exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -25,18 +31,22 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from hlip_fast.boundary import command
 from hlip_fast.checkpoint import save_pretrained
 from hlip_fast.clip import HLIPModel, create_clip
 from hlip_fast.data.batching import Batch
 from hlip_fast.data.reader import RawStudies
-from hlip_fast.data.shards import read_shard
+from hlip_fast.errors import RunStopped
+from hlip_fast.files import read_json, write_json
+from hlip_fast.folder_lock import FolderLock
 from hlip_fast.losses import ClipLoss, SigLipLoss
+from hlip_fast.models.registry import get_config
 from hlip_fast.text import TextConfig, build_tiny_text_model
 
 from . import distributed as D
 from .checkpoint import Checkpoints, rng_state, set_rng_state
-from .config import TrainConfig
-from .data import steps_per_epoch, train_loader
+from .config import FIXED, RUN_ONLY, TrainConfig
+from .data import plan_epoch, plan_problems, train_loader
 from .evaluate import ZeroShotEval
 from .flops import peak_tflops, train_step_flops
 from .log import MetricsLog
@@ -46,8 +56,13 @@ log = logging.getLogger("hlip_fast.train")
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-class TrainingStopped(RuntimeError):
-    """The run stopped before its last step (divergence); the message says what to do."""
+class TrainingStopped(RunStopped):
+    """The run stopped before its last step (divergence, non-finite weights, too many damaged
+    studies); the message says what to do."""
+
+
+class _Interrupted(Exception):
+    """A stop signal arrived between the micro-batches of a step: the step is abandoned."""
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -68,22 +83,64 @@ def _build_text_model(cfg: TrainConfig, run_dir: Path, dist: D.Dist) -> str:
     if cfg.text_model != "tiny":
         return cfg.text_model
     folder = run_dir / "text_model"
-    if dist.main and not (folder / "config.json").is_file():
-        reports = [s.meta["report"] for shard in RawStudies(cfg.train_data).shards for s in read_shard(shard)]
-        build_tiny_text_model(folder, reports, mlm_steps=cfg.text_mlm_steps, seed=cfg.seed)
-    D.barrier()
+
+    def build() -> None:
+        if not (folder / "config.json").is_file():
+            studies = RawStudies(cfg.train_data, rank=0, world_size=1, on_error=cfg.on_error)
+            reports = [s.meta["report"] for s in studies]
+            build_tiny_text_model(folder, reports, mlm_steps=cfg.text_mlm_steps, seed=cfg.seed)
+
+    D.on_main(build)
     return str(folder)
+
+
+def _config_changes(saved: dict, cfg: TrainConfig, source: Path) -> dict[str, tuple]:
+    """The run-altering fields whose values differ from the checkpoint's config; refused unless
+    ``--resume-override`` names them (and always for the fields that shape the model)."""
+    defaults = TrainConfig().to_dict()
+    current = cfg.to_dict()
+    changes = {
+        key: (saved.get(key, defaults[key]), value)
+        for key, value in current.items()
+        if key not in RUN_ONLY and saved.get(key, defaults[key]) != value
+    }
+    if fixed := {k: v for k, v in changes.items() if k in FIXED}:
+        raise ValueError(
+            f"{source} was trained with other model settings, which cannot change on resume: "
+            + _listed(fixed)
+        )
+    if refused := {k: v for k, v in changes.items() if k not in cfg.resume_override}:
+        names = " ".join(sorted(refused))
+        raise ValueError(
+            f"{source} was trained with other settings: {_listed(refused)}. Drop those flags to resume "
+            f"as it was, or add --resume-override {names} to apply the new values"
+        )
+    return changes
+
+
+def _listed(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (its shard under FSDP2)."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist: D.Dist):
         self.cfg, self.dist = cfg, dist
+        vision = get_config(cfg.model)
+        self.plan = plan_epoch(cfg, vision.patch_size, cfg.max_scans or vision.max_num_scans)
+        if problems := plan_problems(cfg, self.plan, vision.patch_size, dist.world_size):
+            raise ValueError("these data and settings cannot train:\n  - " + "\n  - ".join(problems))
         name = cfg.name or D.broadcast(datetime.now().strftime("hlip-%Y%m%d-%H%M%S"))
         self.run_dir = Path(cfg.logs) / name
-        if dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "name": name}, indent=2))
-        D.barrier()
+        self.lock = D.on_main(FolderLock(self.run_dir, "hlip-train").acquire)
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep)
+        self.overrides: dict[str, tuple] = {}
+        resumed = self._checkpoint_to_resume()
+        D.on_main(lambda: self._write_config(name, resumed))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self._build_model()
         self.net = self._wrap(self.model)  # before the optimizer: FSDP2 replaces the parameters
@@ -91,20 +148,35 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
         )
-        self.steps_per_epoch = steps_per_epoch(cfg, self.model, dist.world_size)
+        self.steps_per_epoch = self.plan.steps_per_rank(dist.world_size, cfg.accum_freq)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.dtype == torch.float16)
         self.loss = SigLipLoss() if cfg.siglip else ClipLoss(cfg.local_loss, cfg.gather_with_grad)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep)
         self.step, self.epoch, self.batch_in_epoch, self.nonfinite = 0, 0, 0, 0
         self.saved_step = -1
+        self.skipped: dict[tuple, dict] = {}  # damaged studies left out, over the whole run
+        self._new_skips: list[dict] = []
+        limit = cfg.max_skipped
+        self.max_skipped = int(limit) if limit >= 1 else math.floor(limit * self.plan.studies)
         self.peak = cfg.peak_tflops or peak_tflops(dist.device)
         self.evaluator = ZeroShotEval(cfg, self.model) if cfg.prompts else None
         self.stop_signal: str | None = None
         torch.manual_seed(cfg.seed + 1000 * dist.rank)  # per-rank randomness from here on
-        if cfg.resume:
-            self._resume(cfg.resume)
+        if resumed is not None:
+            self._restore(*resumed)
+
+    def close(self) -> None:
+        """Release the run folder's lock."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- setup ---------------------------------------------------------------------------
     def _build_model(self) -> HLIPModel:
@@ -163,26 +235,72 @@ class Trainer:
             "step": self.step,
             "nonfinite": self.nonfinite,
             "ranks": D.gather(position),  # every rank's data position and RNG states
+            "skipped": list(self.skipped.values()),
             "config": json.dumps(self.cfg.to_dict()),
         }
 
+    def _check_weights(self) -> None:
+        """Stop (nothing saved) when any weight is not finite, on any rank."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(_local(p)).all()]
+        if D.reduce_sum(len(bad), self.dist.device):
+            raise TrainingStopped(
+                f"the weights are not finite after step {self.step} "
+                f"({', '.join(bad[:3]) or 'on another rank'}"
+                f"{', ...' if len(bad) > 3 else ''}); they were not saved. Newest good checkpoint: "
+                f"{self.checkpoints.latest()}. Lower --lr (or keep --grad-clip-norm) and resume from it"
+            )
+
     def save(self) -> Path | None:
+        self._check_weights()
         state = self._state()
-        path = self.checkpoints.save(state, self.step) if self.dist.main else None
+        path = D.on_main(lambda: self.checkpoints.save(state, self.step))
         self.saved_step = self.step
-        D.barrier()
         return path
 
-    def _resume(self, what: str) -> None:
-        path = self.checkpoints.latest() if what == "latest" else Path(what)
-        if path is None:
-            log.info("no checkpoint in %s: starting from scratch", self.checkpoints.folder)
-            return
-        state = Checkpoints.load(path)
+    def _checkpoint_to_resume(self) -> tuple[Path, dict] | None:
+        """The verified checkpoint ``--resume`` names (``latest``: the newest intact one), its
+        config checked against this run's; ``None`` to start from scratch."""
+        cfg = self.cfg
+        if not cfg.resume:
+            if existing := self.checkpoints.latest():
+                raise ValueError(
+                    f"{self.run_dir} already holds a run (newest checkpoint {existing.name}): continue "
+                    "it with --resume latest, or give this run another --name"
+                )
+            return None
+        if cfg.resume == "latest":
+            found = self.checkpoints.load_latest_good()
+            if found is None:
+                log.info("no checkpoint in %s: starting from scratch", self.checkpoints.folder)
+                return None
+        else:
+            found = (Path(cfg.resume), Checkpoints.load(cfg.resume))
+        path, state = found
         if len(state["ranks"]) != self.dist.world_size:
             raise ValueError(
                 f"{path} was written by {len(state['ranks'])} ranks; this run has {self.dist.world_size}"
             )
+        self.overrides = _config_changes(json.loads(state["config"]), cfg, path)
+        return path, state
+
+    def _write_config(self, name: str, resumed: tuple[Path, dict] | None) -> None:
+        """``config.json``: this run's config, and each resume with the overrides it applied."""
+        path = self.run_dir / "config.json"
+        history = read_json(path).get("resumed", []) if resumed and path.is_file() else []
+        if resumed:
+            checkpoint, state = resumed
+            history.append(
+                {
+                    "step": state["step"],
+                    "checkpoint": str(checkpoint),
+                    "overrides": {k: list(v) for k, v in self.overrides.items()},
+                }
+            )
+            if self.overrides:
+                log.warning("resume overrides the checkpoint's settings: %s", _listed(self.overrides))
+        write_json(path, {**self.cfg.to_dict(), "name": name, "resumed": history})
+
+    def _restore(self, path: Path, state: dict) -> None:
         set_state_dict(
             self.net,
             self.optimizer,
@@ -193,10 +311,12 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
+        self.skipped = {_skip_key(r): r for r in state.get("skipped", [])}
         self.saved_step = self.step
         mine = state["ranks"][self.dist.rank]
         self.epoch, self.batch_in_epoch = mine["epoch"], mine["batch_in_epoch"]
         set_rng_state(mine["rng"])
+        self._apply_hyperparameters()
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -205,19 +325,75 @@ class Trainer:
             self.batch_in_epoch,
         )
 
+    def _apply_hyperparameters(self) -> None:
+        """This run's optimiser settings over the ones restored from the checkpoint (equal unless
+        ``--resume-override`` changed them), the learning rate recomputed for the current step."""
+        cfg, scheduler = self.cfg, self.scheduler
+        scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        for group, lr_lambda in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * lr_lambda(scheduler.last_epoch)
+            group["betas"], group["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
+            if group["weight_decay"]:
+                group["weight_decay"] = cfg.wd
+
     # --- data ----------------------------------------------------------------------------
     def batches(self) -> Iterator[Batch]:
-        """This rank's batches, epoch after epoch, from the saved position on."""
+        """This rank's batches, epoch after epoch, from the saved position on; the studies the
+        reader skips as damaged are collected in ``_new_skips``."""
         while True:
             skip = self.batch_in_epoch
-            for index, batch in enumerate(train_loader(self.cfg, self.model, self.dist, self.epoch)):
+            loader = train_loader(self.cfg, self.model, self.dist, self.epoch)
+            seen = 0
+            for index, batch in enumerate(loader):
+                self._new_skips += loader.skipped[seen:]
+                seen = len(loader.skipped)
                 if index < skip:
                     continue
                 self.batch_in_epoch = index + 1
                 yield batch
+            self._new_skips += loader.skipped[seen:]
             if self.batch_in_epoch == 0:
                 raise ValueError(f"{self.cfg.train_data}: rank {self.dist.rank} got no training batch")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _next_micro_batches(self, data: Iterator[Batch]) -> list[Batch]:
+        """``accum_freq`` batches; a stop signal between two of them abandons the step."""
+        micro = []
+        for i in range(self.cfg.accum_freq):
+            if i and self._stop_requested():
+                raise _Interrupted
+            try:
+                micro.append(next(data))
+            except RuntimeError:
+                if self.stop_signal:  # Ctrl-C also reached the DataLoader workers
+                    raise _Interrupted from None
+                raise
+        return micro
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any rank (a collective: every rank asks at the same point)."""
+        return D.reduce_sum(float(self.stop_signal is not None), self.dist.device) > 0
+
+    def _absorb_skips(self) -> None:
+        """Gather the studies every rank skipped since the last call, count them once each,
+        record them in ``skipped.jsonl``, and stop the run past ``--max-skipped``."""
+        new = [r for records in D.gather(self._new_skips) for r in records]
+        self._new_skips = []
+        fresh = [r for r in new if _skip_key(r) not in self.skipped]
+        for record in fresh:
+            self.skipped.setdefault(_skip_key(record), record)
+        if fresh and self.dist.main:
+            with open(self.run_dir / "skipped.jsonl", "a") as handle:
+                handle.writelines(json.dumps({"step": self.step, **r}) + "\n" for r in fresh)
+        if len(self.skipped) > self.max_skipped:
+            first = next(iter(self.skipped.values()))
+            raise TrainingStopped(
+                f"{len(self.skipped)} of {self.plan.studies} training studies were damaged and skipped, over "
+                f"--max-skipped {self.cfg.max_skipped} ({self.max_skipped} studies); "
+                f"first: {first['reason']}. All are listed in {self.run_dir / 'skipped.jsonl'}; "
+                "repair or re-prepare the data and resume"
+            )
 
     # --- one step ------------------------------------------------------------------------
     def _autocast(self):
@@ -270,15 +446,25 @@ class Trainer:
 
     def _accumulated(self, inputs) -> torch.Tensor:
         """open_clip's accumulation: cache all micro-batches' features without gradients, then
-        recompute each one (same random draws) and back-propagate the loss over the whole set."""
+        recompute each one (same random draws) and back-propagate the loss over the whole set.
+        A stop signal between micro-batches abandons the step with the RNG as it began."""
         cached, states = [], []
+
+        def check_stop() -> None:
+            if self._stop_requested():
+                set_rng_state(states[0])
+                raise _Interrupted
+
         with torch.no_grad(), self._autocast():
-            for batch, tokens in inputs:
+            for j, (batch, tokens) in enumerate(inputs):
                 states.append(rng_state())
+                if j:
+                    check_stop()
                 out = self.net(batch, tokens)
                 cached.append((out["study_features"], out["text_features"]))
         after = rng_state()
         for j, (batch, tokens) in enumerate(inputs):
+            check_stop()
             set_rng_state(states[j])
             last = j == len(inputs) - 1
             sync = (
@@ -298,11 +484,21 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.stop_signal = signal.Signals(signum).name
+
+    def _stopped(self, last: dict) -> dict:
+        log.warning(
+            "stopped by %s at step %d; checkpoint saved; resume with --resume latest",
+            self.stop_signal,
+            self.step,
+        )
+        return {"step": self.step, "stopped": self.stop_signal, **last}
 
     def fit(self) -> dict:
         cfg, dist = self.cfg, self.dist
-        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         metrics = MetricsLog(self.run_dir, cfg.report_to, enabled=dist.main)
         bar = tqdm(
             total=self.total_steps,
@@ -315,12 +511,19 @@ class Trainer:
         streak, last = 0, {}
         try:
             while self.step < self.total_steps:
+                position = (self.epoch, self.batch_in_epoch)
                 started = time.perf_counter()
-                micro = [next(data) for _ in range(cfg.accum_freq)]
-                if dist.device.type == "cuda":
-                    torch.cuda.synchronize(dist.device)
-                loaded = time.perf_counter()
-                result = self.train_step(micro)
+                try:
+                    micro = self._next_micro_batches(data)
+                    if dist.device.type == "cuda":
+                        torch.cuda.synchronize(dist.device)
+                    loaded = time.perf_counter()
+                    result = self.train_step(micro)
+                except _Interrupted:
+                    self.epoch, self.batch_in_epoch = position  # the abandoned step is redone on resume
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.save()
+                    return self._stopped(last)
                 if dist.device.type == "cuda":
                     torch.cuda.synchronize(dist.device)
                 done = time.perf_counter()
@@ -328,7 +531,16 @@ class Trainer:
                 if streak == 1 and self.saved_step != self.step:
                     self.save()  # the weights from just before the first non-finite step
                 self.step += 1
-                last = self._record(metrics, micro, result, started, loaded, done)
+                stop, new_skips = D.reduce_sums(
+                    [float(self.stop_signal is not None), len(self._new_skips)], dist.device
+                )
+                if new_skips:
+                    try:
+                        self._absorb_skips()
+                    except TrainingStopped:
+                        self.save()  # the weights are sound: keep them for a resume once the data is repaired
+                        raise
+                last = self._record(metrics, micro, result, started, loaded, done, force=bool(new_skips))
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", studies_s=f"{last['studies_per_s']:.1f}")
                 if streak and streak >= cfg.max_nonfinite:
@@ -339,29 +551,22 @@ class Trainer:
                     )
                 if self.evaluator and cfg.zeroshot_every and self.step % cfg.zeroshot_every == 0:
                     metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, dist))
-                stop = D.reduce_sum(float(self.stop_signal is not None), dist.device) > 0
                 if self.step % cfg.save_every == 0 or stop:
                     self.save()
                 if stop:
-                    log.warning(
-                        "stopped by %s at step %d; checkpoint saved; resume with --resume latest",
-                        self.stop_signal,
-                        self.step,
-                    )
-                    return {"step": self.step, "stopped": self.stop_signal, **last}
+                    return self._stopped(last)
             if self.saved_step != self.step:
                 self.save()
             if self.evaluator and cfg.zeroshot_every != 0 and self.step % cfg.zeroshot_every:
                 metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, dist))
             export = self.model_for_export()  # collective under FSDP: every rank takes part
-            if dist.main:
-                save_pretrained(export, self.run_dir / "final")
-            D.barrier()
+            D.on_main(lambda: save_pretrained(export, self.run_dir / "final"))
             return {"step": self.step, "stopped": None, **last}
         finally:
             bar.close()
             metrics.close()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def model_for_export(self) -> HLIPModel | None:
         """The plain model with full weights; under FSDP gathered from the shards (a collective)
@@ -376,7 +581,8 @@ class Trainer:
         plain.load_state_dict(state)
         return plain
 
-    def _record(self, metrics: MetricsLog, micro, result, started, loaded, done) -> dict:
+    def _record(self, metrics: MetricsLog, micro, result, started, loaded, done, force: bool) -> dict:
+        """The step's metrics row, written every ``log_every`` steps and whenever ``force``."""
         studies = sum(m.studies.num_studies for m in micro)
         tokens = sum(m.studies.layout.num_tokens for m in micro)
         flops = sum(train_step_flops(self.model, b.layout, t["attention_mask"]) for b, t in result["inputs"])
@@ -389,6 +595,7 @@ class Trainer:
             "logit_scale": float(_full(self.model.logit_scale).detach().exp()),
             "grad_norm": result["grad_norm"],
             "nonfinite_steps": self.nonfinite,
+            "skipped_studies": len(self.skipped),
             "studies": int(studies),
             "tokens": int(tokens),
             "studies_per_s": studies / seconds,
@@ -398,28 +605,26 @@ class Trainer:
             "mfu": flops / seconds / (self.peak * 1e12 * self.dist.world_size) if self.peak else None,
             "step_s": seconds,
         }
-        if self.step % self.cfg.log_every == 0 or self.step == 1 or not result["finite"]:
+        if self.step % self.cfg.log_every == 0 or self.step == 1 or not result["finite"] or force:
             metrics.write(self.step, row)
         return row
 
 
+def _skip_key(record: dict) -> tuple:
+    return record["shard"], record["key"], record["study_id"]
+
+
+@command("hlip-train")
 def main(argv: list[str] | None = None) -> int:
     """``hlip-train``: parse and check the config, train, print where everything went."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from .config import load_config
 
-    try:
-        cfg = load_config(argv)
-    except (ValueError, OSError) as error:
-        print(f"hlip-train: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(argv)
     dist = D.setup(cfg.device)
     try:
-        trainer = Trainer(cfg, dist)
-        result = trainer.fit()
-    except (TrainingStopped, ValueError) as error:
-        print(f"hlip-train: {error}", file=sys.stderr)
-        return 3
+        with Trainer(cfg, dist) as trainer:
+            result = trainer.fit()
     finally:
         D.teardown()
     if dist.main:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Batch:
     """One step: packed patches and layout, the reports, and labels ``(studies, classes)``
-    (``-1`` where a study lacks a label)."""
+    (``-1`` where a study lacks a label or it is unknown, ``null``)."""
 
     studies: StudyBatch
     reports: list[str]
@@ -53,7 +53,8 @@ def collate(
     batch = pack_studies(scans, patch_size, study_ids=[s.study_id for s in studies])
     names = tuple(sorted({name for s in studies for name in s.labels}))
     labels = torch.tensor(
-        [[int(s.labels.get(n, -1)) for n in names] for s in studies], dtype=torch.long
+        [[-1 if s.labels.get(n) is None else int(s.labels[n]) for n in names] for s in studies],
+        dtype=torch.long,
     ).reshape(len(studies), len(names))
     fill = batch.layout.num_tokens / max_tokens if max_tokens else 1.0
     return Batch(batch, [s.report for s in studies], labels, names, fill)

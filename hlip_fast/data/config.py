@@ -6,8 +6,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .volumes import MAX_VOXELS, check_spacing
+
 HLIP_CT_WINDOW = (-1150.0, 350.0)
 """HLIP's CT window in Hounsfield units, mapped to the full integer range."""
+MAX_GRID = 4096
+"""Largest in-plane grid side ``prepare`` accepts (a typo guard: 22400 for 224)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class ModalityConfig:
     max_depth: int = 512
 
     def __post_init__(self) -> None:
+        if self.spacing is not None:
+            check_spacing(self.spacing, "target spacing")
         if (self.window is None) == (self.percentiles is None):
             raise ValueError("a ModalityConfig needs exactly one of window (CT) or percentiles (MRI)")
         if self.fit not in ("resize", "crop"):
@@ -61,16 +67,21 @@ class PrepareConfig:
     dtype: str = "uint8"
     studies_per_shard: int = 64
     patch_size: tuple[int, int, int] = (8, 16, 16)
+    max_voxels: int = MAX_VOXELS
 
     def __post_init__(self) -> None:
         if self.dtype not in ("uint8", "uint16"):
             raise ValueError(f"dtype must be uint8 or uint16, got {self.dtype!r}")
         if self.default_modality not in self.modalities:
             raise ValueError(f"default_modality {self.default_modality!r} not in {sorted(self.modalities)}")
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ValueError(f"grid must be two positive ints, got {self.grid}")
+        if len(self.grid) != 2 or not all(
+            isinstance(n, (int, np.integer)) and 1 <= n <= MAX_GRID for n in self.grid
+        ):
+            raise ValueError(f"grid must be two integers in 1..{MAX_GRID}, got {self.grid}")
         if self.studies_per_shard < 1:
-            raise ValueError("studies_per_shard must be >= 1")
+            raise ValueError(f"studies_per_shard must be >= 1, got {self.studies_per_shard}")
+        if self.max_voxels < 1:
+            raise ValueError(f"max_voxels must be >= 1, got {self.max_voxels}")
 
     @property
     def max_value(self) -> int:

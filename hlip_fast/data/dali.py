@@ -1,7 +1,10 @@
 """The DALI reader (``nvidia-dali-cuda130``, optional): ``fn.readers.webdataset`` reads the same
 shards; on a GPU ``fn.experimental.inflate`` decodes each study's LZ4 slices on the device in one
 call. With ``device_id=None`` (no GPU) DALI reads and the slices are decoded with ``lz4`` on the
-host. Either way the decoded scans go through the same transforms and batching as the CPU reader.
+host. Either way every study's checksums are verified on the host (a damaged one raises a
+:class:`~hlip_fast.errors.DataError` naming it), the number of studies read must be the number
+the index lists, and the decoded scans go through the same transforms and batching as the CPU
+reader.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .batching import Batch
-from .reader import BatchConfig, decode_cpu, decoded_studies, token_batches
-from .shards import RawStudy, list_shards
+from .reader import BatchConfig, decode_cpu, decode_study, token_batches
+from .shards import RawStudy, assemble_study, shard_infos
 from .transforms import ReaderConfig
 
 
@@ -45,7 +49,10 @@ class DaliStudies:
             raise RuntimeError(
                 "the DALI reader needs `pip install nvidia-dali-cuda130` (hlip-fast[dali])"
             ) from error
-        self.shards = [str(p) for p in (source if isinstance(source, list) else list_shards(source))]
+        infos = shard_infos(source)
+        self.shards = [str(info.path) for info in infos]
+        listed = [len(info.keys) for info in infos if info.keys is not None]
+        self.listed = sum(listed) if len(listed) == len(infos) else None
         self.device_id, self.train, self.seed, self.rank, self.world_size = (
             device_id,
             train,
@@ -69,9 +76,9 @@ class DaliStudies:
             seed=self.seed + self.epoch,
         )
         def studies():
-            meta, blob, sizes = fn.readers.webdataset(
+            meta, blob, sizes, sums = fn.readers.webdataset(
                 paths=self.shards,
-                ext=["json", "lz4", "sizes"],
+                ext=["json", "lz4", "sizes", "sum"],
                 name="reader",
                 shard_id=self.rank,
                 num_shards=self.world_size,
@@ -80,38 +87,45 @@ class DaliStudies:
                 pad_last_batch=True,
                 missing_component_behavior="error",
             )
-            sizes = fn.reinterpret(sizes, dtype=types.INT32)
             if self.device_id is None:
-                return meta, blob, sizes
+                return meta, blob, sizes, sums
             dali_dtype = types.UINT8 if dtype == "uint8" else types.UINT16
+            chunk_sizes = fn.reinterpret(sizes, dtype=types.INT32)
             slices = fn.experimental.inflate(
-                blob.gpu(), chunk_sizes=sizes, shape=list(grid), dtype=dali_dtype
+                blob.gpu(), chunk_sizes=chunk_sizes, shape=list(grid), dtype=dali_dtype
             )
-            return meta, slices, sizes
+            return meta, blob, sizes, sums, slices
 
         pipe = studies()
         pipe.build()
         return pipe
 
-    def __iter__(self) -> Iterator[tuple[RawStudy, list[torch.Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[RawStudy, list[torch.Tensor] | None]]:
+        """``(stored study, its scans decoded on the GPU)``, or ``(study, None)`` without a GPU."""
         config = json.loads((Path(self.shards[0]).parent / "prepare_config.json").read_text())["config"]
         pipe = self._pipeline(tuple(config["grid"]), config["dtype"])
         total = pipe.reader_meta("reader")["epoch_size"]
+        if self.listed is not None and total != self.listed:
+            raise DataError(
+                f"DALI finds {total} studies in {len(self.shards)} shard(s), the index lists {self.listed}: "
+                "a shard is damaged (read it with the CPU reader to find which)",
+                shard=self.shards[0],
+            )
         count = total * (self.rank + 1) // self.world_size - total * self.rank // self.world_size
         seen = 0
         while seen < count:
-            meta, data, sizes = pipe.run()
+            meta, blob, sizes, sums, *gpu = pipe.run()
             for i in range(min(len(meta), count - seen)):
-                info = json.loads(np.asarray(meta.at(i)).tobytes())
-                chunk_sizes = np.asarray(sizes.at(i)).astype(np.int32)
-                if self.device_id is None:
-                    raw = RawStudy(
-                        info["study_id"], info, np.asarray(data.at(i)).tobytes(), chunk_sizes, "dali"
-                    )
-                    yield raw, decode_cpu(raw)
-                else:
-                    raw = RawStudy(info["study_id"], info, b"", chunk_sizes, "dali")
-                    yield raw, list(torch.split(_to_torch(data[i], self.device_id), raw.depths))
+                members = {
+                    ext: np.asarray(out.at(i)).tobytes()
+                    for ext, out in (("json", meta), ("lz4", blob), ("sizes", sizes), ("sum", sums))
+                }
+                shard, _, member = meta[i].source_info().rpartition(":")  # "shard.tar:offset:key.json"
+                raw = assemble_study(shard.rpartition(":")[0], member.partition(".")[0], members)
+                scans = (
+                    None if not gpu else list(torch.split(_to_torch(gpu[0][i], self.device_id), raw.depths))
+                )
+                yield raw, scans
             seen += len(meta)
 
 
@@ -120,7 +134,12 @@ def dali_batches(
 ) -> Iterator[Batch]:
     """The DALI reader's token-budget steps: same transforms and packing as the CPU reader."""
     reader = reader or ReaderConfig()
-    decoded = decoded_studies(studies, reader, studies.train, studies.epoch)
+    decoded = (
+        decode_study(
+            raw, decode_cpu if scans is None else lambda _, s=scans: s, reader, studies.train, studies.epoch
+        )
+        for raw, scans in studies
+    )
     return token_batches(decoded, reader, batching or BatchConfig())
 
 

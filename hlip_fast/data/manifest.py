@@ -1,11 +1,25 @@
-"""Manifests of raw studies: CSV or JSONL rows of study id, scans, report, labels, modality."""
+"""Manifests of raw studies: CSV or JSONL rows of study id, scans, report, labels, modality.
+
+Every row is checked before any work starts, and all bad rows are reported at once, each with
+its file, line and field: a study id (text or number); scans as paths or objects with ``path``
+and optional ``modality``, ``spacing`` (three plausible voxel sizes in mm) and
+``description``; the report as text (empty or missing: the study is skipped as "missing
+report"); labels as an object whose values are ``true``/``false``/``0``/``1`` or ``null``
+(unknown).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..files import parse_json, read_text
+from .volumes import check_spacing
+
+_MAX_REPORTED = 20
 
 
 @dataclass
@@ -25,59 +39,113 @@ class StudyEntry:
     modality: str | None = None
 
 
+def _text(value, name: str, where: str, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {name} must be text, got {value!r}")
+    return value
+
+
 def _scan(item, base: Path, where: str) -> ScanEntry:
     if isinstance(item, str):
         item = {"path": item}
-    if not isinstance(item, dict) or "path" not in item:
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
         raise ValueError(f"{where}: a scan must be a path or an object with 'path', got {item!r}")
-    path = Path(item["path"])
+    if unknown := sorted(set(item) - {"path", "modality", "spacing", "description"}):
+        raise ValueError(f"{where}: scan {item['path']!r} has unknown field(s) {unknown}")
+    path = Path(item["path"].strip())
     spacing = item.get("spacing")
     return ScanEntry(
         path=str(path if path.is_absolute() else base / path),
-        modality=item.get("modality"),
-        spacing=None if spacing is None else tuple(float(s) for s in spacing),
-        description=item.get("description", ""),
+        modality=_text(item.get("modality"), "a scan's modality", where),
+        spacing=None if spacing is None else check_spacing(spacing, f"{where}: scan {item['path']!r}"),
+        description=_text(item.get("description", ""), "a scan's description", where) or "",
     )
+
+
+def _labels(value, where: str) -> dict:
+    if isinstance(value, str):
+        value = parse_json(value, f"{where}: labels") if value.strip() else {}
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: labels must be an object of finding: 0/1/true/false/null, got {value!r}")
+    bad = {k: v for k, v in value.items() if not (v is None or (isinstance(v, (bool, int)) and v in (0, 1)))}
+    if bad:
+        raise ValueError(
+            f"{where}: label value(s) {bad} are not 0/1/true/false (use null for an unknown finding)"
+        )
+    return {str(k): v for k, v in value.items()}
 
 
 def _study(row: dict, base: Path, where: str) -> StudyEntry:
-    if not row.get("study_id"):
-        raise ValueError(f"{where}: row without study_id")
+    study_id = row.get("study_id")
+    if isinstance(study_id, bool) or not isinstance(study_id, (str, int)) or not str(study_id).strip():
+        raise ValueError(f"{where}: study_id must be non-empty text or a number, got {study_id!r}")
     scans = row.get("scans") or []
     if isinstance(scans, str):
-        scans = [s for s in scans.replace("|", ";").split(";") if s.strip()]
-    labels = row.get("labels") or {}
-    if isinstance(labels, str):
-        labels = json.loads(labels) if labels.strip() else {}
-    report = row.get("report")
+        scans = [s.strip() for s in scans.replace("|", ";").split(";") if s.strip()]
+    if not isinstance(scans, list):
+        raise ValueError(f"{where}: scans must be a list (or paths separated by ';'), got {scans!r}")
+    report = _text(row.get("report"), "report", where)
     return StudyEntry(
-        study_id=str(row["study_id"]),
-        scans=[_scan(s.strip() if isinstance(s, str) else s, base, where) for s in scans],
-        report=report if report and str(report).strip() else None,
-        labels=labels,
-        modality=row.get("modality") or None,
+        study_id=str(study_id).strip(),
+        scans=[_scan(s, base, where) for s in scans],
+        report=report if report and report.strip() else None,
+        labels=_labels(row.get("labels"), where),
+        modality=_text(row.get("modality"), "modality", where) or None,
     )
+
+
+def _rows(path: Path) -> list[tuple[str, object]]:
+    """``(where, row)`` for every row of a ``.jsonl`` or ``.csv`` manifest (a row that is not
+    valid JSON comes as its ``ValueError``)."""
+    text = read_text(path)
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{n}", parse_json(line, f"{path}:{n}")))
+                except ValueError as error:
+                    rows.append((f"{path}:{n}", error))
+        return rows
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if missing := {"study_id", "scans"} - set(reader.fieldnames or ()):
+            raise ValueError(f"{path}:1: missing column(s) {sorted(missing)} (columns: {reader.fieldnames})")
+        try:
+            return [(f"{path}:{reader.line_num}", row) for row in reader]
+        except csv.Error as error:
+            raise ValueError(f"{path}:{reader.line_num}: unreadable CSV: {error}") from None
+    raise ValueError(f"{path}: manifest must be .csv or .jsonl")
 
 
 def read_manifest(path: str | Path) -> list[StudyEntry]:
     """Rows of a ``.csv`` (columns study_id, scans separated by ``;``, report, labels as JSON,
-    modality) or ``.jsonl`` manifest; relative scan paths are taken from the manifest's folder."""
+    modality) or ``.jsonl`` manifest; relative scan paths are taken from the manifest's folder.
+    Every bad row is reported (the first ones, with the count) in one ``ValueError``."""
     path = Path(path)
-    base = path.parent
-    if path.suffix == ".jsonl":
-        lines = path.read_text().splitlines()
-        rows = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
-    elif path.suffix == ".csv":
-        with open(path, newline="") as handle:
-            rows = [(f"{path}:{n}", row) for n, row in enumerate(csv.DictReader(handle), 2)]
-    else:
-        raise ValueError(f"{path}: manifest must be .csv or .jsonl")
-    studies = [_study(row, base, where) for where, row in rows]
-    seen: set[str] = set()
-    for study in studies:
+    studies, problems, seen = [], [], {}
+    for where, row in _rows(path):
+        try:
+            if isinstance(row, ValueError):
+                raise row
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+            study = _study(row, path.parent, where)
+        except ValueError as error:
+            problems.append(str(error))
+            continue
         if study.study_id in seen:
-            raise ValueError(f"{path}: study id {study.study_id!r} appears twice")
-        seen.add(study.study_id)
+            problems.append(f"{where}: study id {study.study_id!r} already on {seen[study.study_id]}")
+        seen.setdefault(study.study_id, where)
+        studies.append(study)
+    if problems:
+        shown = "\n  ".join(problems[:_MAX_REPORTED])
+        more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
+        raise ValueError(f"{path}: {len(problems)} bad row(s), fix them first:\n  {shown}{more}")
     return studies
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModalityConfig
-from .volumes import Volume
+from .volumes import MAX_VOXELS, Volume, check_voxels
 
 
 def normalise_intensity(array: np.ndarray, config: ModalityConfig) -> np.ndarray:
@@ -54,11 +54,18 @@ def _centre_fit(array: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 
 def preprocess_volume(
-    volume: Volume, config: ModalityConfig, grid: tuple[int, int], max_value: int, dtype: str
+    volume: Volume,
+    config: ModalityConfig,
+    grid: tuple[int, int],
+    max_value: int,
+    dtype: str,
+    max_voxels: int = MAX_VOXELS,
 ) -> tuple[np.ndarray, dict]:
-    """The stored scan (``(D, H, W)`` integers, full range = ``[0, 1]``) and its geometry record."""
-    unit = normalise_intensity(volume.array, config)
+    """The stored scan (``(D, H, W)`` integers, full range = ``[0, 1]``) and its geometry record.
+    A resampling that would exceed ``max_voxels`` (an implausible spacing) is refused."""
     shape, spacing = _target_shape(volume, config, grid)
+    check_voxels(shape, max_voxels, f"resampling from spacing {volume.spacing} mm to {config.spacing} mm")
+    unit = normalise_intensity(volume.array, config)
     tensor = torch.from_numpy(unit)[None, None]
     if tuple(tensor.shape[2:]) != shape:
         tensor = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)

@@ -1,23 +1,31 @@
 """The CPU reader: shards → studies (rank and worker sharding, shuffle buffer, per-epoch seeds)
-→ decoded, normalised studies → token-budget batches, in DataLoader workers."""
+→ decoded, normalised studies → token-budget batches, in DataLoader workers.
+
+Damaged studies are never lost silently. With ``on_error="raise"`` the first one stops the
+reader with a :class:`~hlip_fast.errors.DataError` naming shard and study; with ``"skip"`` it
+is left out, logged and recorded in the reader's ``skipped`` list (one record per study, from
+DataLoader workers too), so the caller can count and report every loss.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import DataError
 from .batching import Batch, TokenBudget, collate
 from .codec import decompress_slices
-from .shards import RawStudy, list_shards, read_shard
+from .shards import RawStudy, ShardInfo, read_shard, shard_infos
 from .transforms import ReaderConfig, Study, to_study
 
 log = logging.getLogger(__name__)
+ON_ERROR = ("raise", "skip")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -37,14 +45,33 @@ def decode_cpu(raw: RawStudy) -> list[torch.Tensor]:
     return list(torch.split(volume, raw.depths))
 
 
+def decode_study(
+    raw: RawStudy,
+    decode: Callable[[RawStudy], list[torch.Tensor]],
+    reader: ReaderConfig,
+    train: bool,
+    epoch: int,
+) -> Study:
+    """``raw`` decoded and normalised; any failure but running out of memory becomes a
+    :class:`DataError` naming shard and study (picklable, unlike e.g. lz4's errors)."""
+    try:
+        return to_study(raw, decode(raw), reader, train, epoch)
+    except (MemoryError, torch.OutOfMemoryError, DataError):
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the study named
+        name = f"{raw.shard}: study {raw.study_id!r} (key {raw.key!r})"
+        message = f"{name}: cannot decode: {type(error).__name__}: {error}"
+        raise DataError(message, shard=raw.shard, key=raw.key, study_id=raw.study_id) from None
+
+
 class RawStudies(IterableDataset):
     """Stored studies of a prepared folder (or list of shards) for this rank and worker.
 
     Shards are dealt round-robin to the ``world_size × workers`` readers when there are enough,
-    else every reader scans all shards and keeps every n-th study. Training shuffles the shard
-    order and a ``shuffle_buffer`` of studies with seeds from ``(seed, epoch, rank, worker)``;
-    call :meth:`set_epoch` each epoch. A damaged shard raises an error naming shard and study
-    (``on_error="raise"``) or is logged, counted in ``errors`` and skipped (``"skip"``).
+    else every reader scans all shards and keeps the studies whose position in the index falls
+    to it. Training shuffles the shard order and a ``shuffle_buffer`` of studies with seeds from
+    ``(seed, epoch, rank, worker)``; call :meth:`set_epoch` each epoch. Damage: see the module
+    docstring (``on_error``); ``verify=False`` skips the checksums (for measuring their cost).
     """
 
     def __init__(
@@ -57,34 +84,57 @@ class RawStudies(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         on_error: str = "raise",
+        verify: bool = True,
     ):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.shards = [Path(p) for p in source] if isinstance(source, list) else list_shards(source)
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.shards: list[ShardInfo] = shard_infos(source)
         self.train, self.shuffle_buffer, self.seed, self.on_error = train, shuffle_buffer, seed, on_error
+        self.verify = verify
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.epoch = 0
-        self.errors: list[str] = []
+        self.skipped: list[dict] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def damaged(self, error: DataError) -> None:
+        """Raise ``error`` (``on_error="raise"``) or record the study as skipped."""
+        if self.on_error == "raise":
+            raise error
+        log.warning("skipping a damaged study: %s", error)
+        self.skipped.append(error.record())
 
     def _reader_slot(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
-    def _studies(self, shards: list[Path]) -> Iterator[RawStudy]:
-        for shard in shards:
-            try:
-                yield from read_shard(shard)
-            except ValueError as error:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipping the rest of a damaged shard: %s", error)
-                self.errors.append(str(error))
+    def _read(self, shards: list[ShardInfo], slot: int, parts: int) -> Iterator[RawStudy]:
+        """The studies of ``shards`` at positions ``slot (mod parts)``; damage reported per study
+        to the reader that owns its position (so across readers each loss counts once)."""
+        offset = 0
+        for info in shards:
+            position = {key: offset + i for i, key in enumerate(info.keys)} if info.keys is not None else {}
+
+            def on_damage(error: DataError, info=info, position=position) -> None:
+                if error.key is None and info.keys is not None:
+                    log.warning("%s (the studies it affects are reported one by one)", error)
+                elif error.key not in position or position[error.key] % parts == slot:
+                    self.damaged(error)
+
+            unlisted = 0
+            for raw in read_shard(
+                info, on_damage=None if self.on_error == "raise" else on_damage, verify=self.verify
+            ):
+                where = position.get(raw.key, offset + unlisted)
+                unlisted += raw.key not in position
+                if where % parts == slot:
+                    yield raw
+            offset += len(info.keys) if info.keys is not None else unlisted
 
     def __iter__(self) -> Iterator[RawStudy]:
+        self.skipped = []
         slot, parts = self._reader_slot()
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         shards = list(self.shards)
@@ -92,10 +142,9 @@ class RawStudies(IterableDataset):
             shards = [
                 shards[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
             ]
-        if len(shards) >= parts:
-            studies = self._studies(shards[slot::parts])
-        else:
-            studies = (s for i, s in enumerate(self._studies(shards)) if i % parts == slot)
+        studies = (
+            self._read(shards[slot::parts], 0, 1) if len(shards) >= parts else self._read(shards, slot, parts)
+        )
         if not self.train:
             yield from studies
             return
@@ -122,11 +171,16 @@ class BatchConfig:
 
 
 def decoded_studies(
-    decoded: Iterable[tuple[RawStudy, list[torch.Tensor]]], reader: ReaderConfig, train: bool, epoch: int
+    raws: Iterable[RawStudy],
+    reader: ReaderConfig,
+    train: bool,
+    epoch: int,
+    decode: Callable[[RawStudy], list[torch.Tensor]] = decode_cpu,
 ) -> Iterator[Study]:
-    """Normalised (in training augmented) studies from ``(stored study, integer scans)`` pairs."""
-    for raw, scans in decoded:
-        yield to_study(raw, scans, reader, train, epoch)
+    """Normalised (in training augmented) studies; a study that cannot be decoded raises a
+    :class:`DataError` naming it."""
+    for raw in raws:
+        yield decode_study(raw, decode, reader, train, epoch)
 
 
 def token_batches(studies: Iterable[Study], reader: ReaderConfig, batching: BatchConfig) -> Iterator[Batch]:
@@ -145,7 +199,8 @@ class StudyBatches(IterableDataset):
 
     ``decode`` turns a stored study into its integer scans: :func:`decode_cpu` (the CPU reader,
     in DataLoader workers) or a GPU decoder such as :class:`~hlip_fast.data.gpu.NvcompDecoder`
-    (iterate in the main process); everything after decoding runs on the scans' device.
+    (iterate in the main process); everything after decoding runs on the scans' device. Studies
+    skipped under ``on_error="skip"`` are in :attr:`skipped`.
     """
 
     def __init__(
@@ -158,25 +213,82 @@ class StudyBatches(IterableDataset):
         self.raw, self.reader, self.batching = raw, reader or ReaderConfig(), batching or BatchConfig()
         self.decode = decode
 
+    @property
+    def skipped(self) -> list[dict]:
+        return self.raw.skipped
+
     def set_epoch(self, epoch: int) -> None:
         self.raw.set_epoch(epoch)
 
     def studies(self) -> Iterator[Study]:
-        pairs = ((raw, self.decode(raw)) for raw in self.raw)
-        return decoded_studies(pairs, self.reader, self.raw.train, self.raw.epoch)
+        for raw in self.raw:
+            try:
+                study = decode_study(raw, self.decode, self.reader, self.raw.train, self.raw.epoch)
+            except DataError as error:
+                self.raw.damaged(error)
+                continue
+            yield study
 
     def __iter__(self) -> Iterator[Batch]:
         return token_batches(self.studies(), self.reader, self.batching)
 
 
-def cpu_loader(dataset: StudyBatches, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose workers read, decode and batch (``batch_size=None``: steps come whole).
-    Its own generator leaves the global torch RNG untouched, so resumed runs replay exactly."""
-    return DataLoader(
-        dataset,
+@dataclass
+class _Delivery:
+    """What a DataLoader worker sends: a batch (or none), the studies it skipped since the last
+    delivery, and the error that stopped it (``on_error="raise"``)."""
+
+    batch: Batch | None
+    skipped: list[dict] = field(default_factory=list)
+    error: dict | None = None
+
+
+class _WorkerStream(IterableDataset):
+    def __init__(self, dataset: StudyBatches):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[_Delivery]:
+        sent = 0
+        try:
+            for batch in self.dataset:
+                skipped = self.dataset.skipped
+                yield _Delivery(batch, skipped[sent:])
+                sent = len(skipped)
+        except DataError as error:
+            yield _Delivery(None, self.dataset.skipped[sent:], error.record())
+            return
+        if len(self.dataset.skipped) > sent:
+            yield _Delivery(None, self.dataset.skipped[sent:])
+
+
+class CheckedLoader:
+    """Batches from DataLoader workers with their damage reports intact: a worker's
+    :class:`DataError` is raised here with its own message, and the studies workers skipped are
+    gathered in :attr:`skipped` as they arrive."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.skipped: list[dict] = []
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped = []
+        for delivery in self.loader:
+            self.skipped += delivery.skipped
+            if delivery.error is not None:
+                raise DataError.from_record(delivery.error)
+            if delivery.batch is not None:
+                yield delivery.batch
+
+
+def cpu_loader(dataset: StudyBatches, num_workers: int = 2, pin_memory: bool = False) -> CheckedLoader:
+    """Workers read, decode and batch (``batch_size=None``: steps come whole). Its own generator
+    leaves the global torch RNG untouched, so resumed runs replay exactly."""
+    loader = DataLoader(
+        _WorkerStream(dataset),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
         generator=torch.Generator(),
     )
+    return CheckedLoader(loader)

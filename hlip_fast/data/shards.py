@@ -1,23 +1,36 @@
 """Tar shards in WebDataset layout: one sample per study, members ``<key>.json`` (metadata and
-report), ``<key>.lz4`` (all slices, one LZ4 block each) and ``<key>.sizes`` (int32 block sizes).
+report), ``<key>.lz4`` (all slices, one LZ4 block each), ``<key>.sizes`` (int32 block sizes) and
+``<key>.sum`` (the checksum of each of the other three).
 
 Written deterministically (fixed mtime/owner, sorted members) and atomically (temporary file,
-then rename); read back sample by sample with a clear error naming the shard and study.
+then rename). Read back sample by sample, and nothing is lost silently: every member's checksum
+is verified, a damaged tar header is noticed (the members after it are resynchronised, not
+dropped), the shard must end with tar's end-of-archive marker, and the study keys read must be
+the ones its index lists. Each damage is a :class:`~hlip_fast.errors.DataError` naming shard
+and study: raised, or handed to the caller's ``on_damage`` (skip and count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-EXTENSIONS = ("json", "lz4", "sizes")
+from ..errors import DataError, IntegrityError
+from ..files import read_json
+from ..integrity import digest, verify_checksum
+
+FORMAT = "hlip_fast.shards/2"
+MEMBERS = ("json", "lz4", "sizes")  # the study's data; ``sum`` holds their checksums
+_BLOCK = 512
+_END_OF_ARCHIVE = 2 * _BLOCK
 
 
 @dataclass
@@ -39,6 +52,12 @@ class RawStudy:
         return [scan["shape"][0] for scan in self.meta["scans"]]
 
 
+def member_checksums(meta_bytes: bytes, blob: bytes, sizes_bytes: bytes) -> bytes:
+    """The ``<key>.sum`` member: each data member's digest, as JSON."""
+    sums = {"json": digest(meta_bytes), "lz4": digest(blob), "sizes": digest(sizes_bytes)}
+    return json.dumps(sums, sort_keys=True).encode()
+
+
 class ShardWriter:
     """Writes one shard to ``path`` (via ``path.tmp``, renamed on :meth:`close`)."""
 
@@ -53,66 +72,215 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(payload))
 
     def write(self, key: str, meta: dict, blob: bytes, sizes: np.ndarray) -> None:
-        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        self._add(f"{key}.lz4", blob)
-        self._add(f"{key}.sizes", np.asarray(sizes, dtype="<i4").tobytes())
+        meta_bytes = json.dumps(meta, sort_keys=True).encode()
+        sizes_bytes = np.asarray(sizes, dtype="<i4").tobytes()
+        try:
+            self._add(f"{key}.json", meta_bytes)
+            self._add(f"{key}.lz4", blob)
+            self._add(f"{key}.sizes", sizes_bytes)
+            self._add(f"{key}.sum", member_checksums(meta_bytes, blob, sizes_bytes))
+        except OSError as error:  # a full disk: name the shard
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
 
     def close(self) -> None:
-        self._tar.close()
-        with open(self._tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        try:
+            self._tar.close()
+            with open(self._tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        except OSError as error:
+            self.abort()
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._tar.close()
+        with contextlib.suppress(OSError):  # the disk is full: the temporary file goes anyway
+            self._tar.close()
         self._tmp.unlink(missing_ok=True)
 
 
-def read_shard(path: str | Path) -> Iterator[RawStudy]:
-    """The studies of one shard in stored order; a damaged shard raises naming shard and study."""
-    path = Path(path)
-    key, members = None, {}
-    try:
-        with tarfile.open(path, "r") as tar:
-            for info in tar:
-                name = info.name.rsplit("/", 1)[-1]
-                member_key, _, ext = name.partition(".")
-                if member_key != key and key is not None:
-                    yield _assemble(path, key, members)
-                    members = {}
-                key = member_key
-                members[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as error:
-        after = f" after study key {key!r}" if key else ""
-        raise ValueError(f"{path}: corrupt shard{after}: {error}") from error
-    if key is not None:
-        yield _assemble(path, key, members)
+# --- what a shard should hold ------------------------------------------------------------
 
 
-def _assemble(path: Path, key: str, members: dict[str, bytes]) -> RawStudy:
-    missing = [ext for ext in EXTENSIONS if ext not in members]
-    if missing:
-        raise ValueError(f"{path}: study key {key!r} lacks member(s) {missing}")
-    try:
-        meta = json.loads(members["json"])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: study key {key!r}: unreadable metadata: {error}") from error
-    sizes = np.frombuffer(members["sizes"], dtype="<i4")
-    depth = sum(scan["shape"][0] for scan in meta["scans"])
-    if len(sizes) != depth or int(sizes.sum()) != len(members["lz4"]):
-        raise ValueError(f"{path}: study {meta.get('study_id', key)!r}: slice table does not match its data")
-    return RawStudy(key, meta, members["lz4"], sizes, str(path))
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard and the study keys it must hold, in order (``None``: not known, no index)."""
+
+    path: Path
+    keys: tuple[str, ...] | None = None
+    study_ids: tuple[str, ...] | None = None
+
+
+def read_index(root: str | Path) -> dict:
+    """A prepared folder's ``index.json``, its checksum verified."""
+    path = Path(root) / "index.json"
+    index = verify_checksum(read_json(path), path)
+    if index.get("format") != FORMAT:
+        raise IntegrityError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}; prepare it again")
+    return index
+
+
+def _info(path: Path, studies: list[dict]) -> ShardInfo:
+    return ShardInfo(path, tuple(s["key"] for s in studies), tuple(s["study_id"] for s in studies))
+
+
+def shard_infos(source: str | Path | list) -> list[ShardInfo]:
+    """The shards of a prepared folder (its verified ``index.json``, which must agree with the
+    ``.tar`` files there), of one ``.tar`` (its side file, when present), or of a list of paths."""
+    if isinstance(source, list):
+        return [p if isinstance(p, ShardInfo) else _single(Path(p)) for p in source]
+    root = Path(source)
+    if root.is_file():
+        return [_single(root)]
+    if not (root / "index.json").is_file():
+        shards = sorted(root.glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"{root}: no index.json and no .tar shards")
+        return [_single(p) for p in shards]
+    index_path = root / "index.json"
+    infos = [_info(root / shard["path"], shard["studies"]) for shard in read_index(root)["shards"]]
+    for info in infos:
+        if not info.path.is_file():
+            raise DataError(
+                f"{index_path} lists {info.path.name}, but {info.path} does not exist", shard=info.path
+            )
+    listed = {info.path.name for info in infos}
+    if extra := sorted(p.name for p in root.glob("*.tar") if p.name not in listed):
+        raise DataError(
+            f"{root / extra[0]} is not listed in {index_path} ({len(extra)} such shard(s)): the index is "
+            "stale or the shard does not belong here; re-run hlip-prepare on this folder to rebuild it",
+            shard=root / extra[0],
+        )
+    return infos
+
+
+def _single(path: Path) -> ShardInfo:
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return ShardInfo(path)
+    return _info(path, verify_checksum(read_json(side), side)["studies"])
 
 
 def list_shards(root: str | Path) -> list[Path]:
     """The shards of a prepared folder (its ``index.json`` order) or of a single ``.tar``."""
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    index = root / "index.json"
-    if index.exists():
-        return [root / shard["path"] for shard in json.loads(index.read_text())["shards"]]
-    shards = sorted(root.glob("*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"{root}: no index.json and no .tar shards")
-    return shards
+    return [info.path for info in shard_infos(root)]
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def assemble_study(
+    path: str | Path, key: str, members: dict[str, bytes], verify: bool = True, listed_as: str | None = None
+) -> RawStudy:
+    """The study of ``key`` from its tar members (``json``, ``lz4``, ``sizes``, ``sum``), its
+    checksums and slice table checked; a :class:`DataError` naming shard and study otherwise
+    (``listed_as``: the study id the index gives the key, for naming it when its metadata is damaged)."""
+
+    def damaged(reason: str, study_id: str | None = listed_as) -> DataError:
+        name = f"study {study_id!r} (key {key!r})" if study_id else f"study key {key!r}"
+        return DataError(f"{path}: {name}: {reason}", shard=path, key=key, study_id=study_id)
+
+    if missing := [ext for ext in (*MEMBERS, "sum") if ext not in members]:
+        raise damaged(f"member(s) {missing} missing (a damaged tar header, or not written by hlip_fast)")
+    if verify:
+        try:
+            sums = json.loads(members["sum"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise damaged(f"unreadable checksum member: {error}") from None
+        what = {"json": "metadata and report", "lz4": "slice data", "sizes": "slice table"}
+        for ext in MEMBERS:
+            if sums.get(ext) != digest(members[ext]):
+                raise damaged(f"checksum mismatch in its {what[ext]} ({key}.{ext}): the shard is damaged")
+    try:
+        meta = json.loads(members["json"])
+        depth = sum(scan["shape"][0] for scan in meta["scans"])
+        study_id = meta["study_id"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as error:
+        raise damaged(f"unreadable metadata: {type(error).__name__}: {error}") from None
+    sizes = np.frombuffer(members["sizes"], dtype="<i4")
+    if len(sizes) != depth or int(sizes.sum()) != len(members["lz4"]):
+        raise damaged("slice table does not match its data", study_id)
+    if listed_as is not None and study_id != listed_as:
+        raise damaged(f"holds study {study_id!r}; the index lists {listed_as!r} under this key")
+    return RawStudy(key, meta, members["lz4"], sizes, str(path))
+
+
+def read_shard(
+    shard: str | Path | ShardInfo,
+    *,
+    on_damage: Callable[[DataError], None] | None = None,
+    verify: bool = True,
+) -> Iterator[RawStudy]:
+    """The studies of one shard in stored order.
+
+    Every damage is a :class:`DataError` naming shard and study: raised when ``on_damage`` is
+    ``None``, else passed to it and reading goes on with the next intact study. With the keys
+    the shard must hold (a :class:`ShardInfo` from the index), every study that could not be
+    read is reported by key, so a caller can count exactly what was lost. ``verify=False``
+    skips the checksums (for measuring their cost), not the structural checks.
+    """
+    info = shard if isinstance(shard, ShardInfo) else ShardInfo(Path(shard))
+    path = info.path
+
+    def report(error: DataError) -> None:
+        if on_damage is None:
+            raise error
+        on_damage(error)
+
+    listed = dict(zip(info.keys, info.study_ids or info.keys)) if info.keys is not None else None
+    read: set[str] = set()
+    key, members, end = None, {}, 0
+
+    def finish_study() -> Iterator[RawStudy]:
+        read.add(key)
+        if listed is not None and key not in listed:
+            report(DataError(f"{path}: study key {key!r} is not in the index", shard=path, key=key))
+            return
+        try:
+            yield assemble_study(path, key, members, verify, listed[key] if listed is not None else None)
+        except DataError as error:
+            report(error)
+
+    def after() -> str:
+        return f" after study key {key!r}" if key else " at its start"
+
+    try:
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:", ignore_zeros=True) as tar:
+            for member in tar:
+                if member.offset != end:
+                    report(
+                        DataError(f"{path}: damaged tar header at byte {end}{after()}", shard=path, key=None)
+                    )
+                end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
+                if not member.isfile():
+                    report(DataError(f"{path}: unexpected tar member {member.name!r}{after()}", shard=path))
+                    continue
+                member_key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if member_key != key and key is not None:
+                    yield from finish_study()
+                    members = {}
+                if member_key in read:
+                    report(
+                        DataError(
+                            f"{path}: study key {member_key!r} stored twice", shard=path, key=member_key
+                        )
+                    )
+                key = member_key
+                members[ext] = tar.extractfile(member).read()
+            if key is not None:
+                yield from finish_study()
+            handle.seek(end)
+            tail = handle.read()
+            if tail.strip(b"\0") or len(tail) < _END_OF_ARCHIVE:
+                problem = (
+                    "unexpected bytes after the last study"
+                    if tail.strip(b"\0")
+                    else "no end-of-archive marker"
+                )
+                report(DataError(f"{path}: {problem} (truncated or damaged){after()}", shard=path))
+    except (tarfile.TarError, OSError, EOFError) as error:
+        report(DataError(f"{path}: unreadable shard{after()}: {error}", shard=path))
+    if listed is not None:
+        for lost, study_id in listed.items():
+            if lost not in read:
+                message = f"{path}: study {study_id!r} (key {lost!r}) is in the index but not in the shard"
+                report(DataError(message, shard=path, key=lost, study_id=study_id))

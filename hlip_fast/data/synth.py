@@ -13,15 +13,16 @@ as ``prepare``, or written raw as NIfTI files plus a manifest for ``prepare`` to
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from ..files import write_json
+from ..integrity import canonical, digest
 from .config import PrepareConfig
 from .manifest import ScanEntry, StudyEntry, write_manifest
-from .prepare import ShardSet, StudyResult, encode_study, write_shards
+from .prepare import StudyResult, build_shards, encode_study
 from .preprocess import preprocess_volume
 from .volumes import Volume
 
@@ -284,19 +285,24 @@ def synthesize(
     *,
     workers: int = 1,
     progress: bool = True,
+    rebuild: bool = False,
 ) -> dict:
-    """Write the corpus as shards (index, skip report) under ``out_dir``; returns the index."""
+    """Write the corpus as shards (index, skip report) under ``out_dir``; returns the index.
+    Resumable like ``prepare`` (a folder holding another corpus is refused unless ``rebuild``)."""
     prepare_config = synth_prepare_config(config, prepare_config)
-    shard_set = ShardSet(out_dir, prepare_config, config.num_studies)
-    index = write_shards(
-        shard_set,
+    recipe = asdict(config)
+    index = build_shards(
+        out_dir,
+        prepare_config,
         list(range(config.num_studies)),
+        [digest(canonical([recipe, i])) for i in range(config.num_studies)],
         _SynthStudy(config, prepare_config),
-        workers,
-        progress,
-        "synth",
+        workers=workers,
+        progress=progress,
+        rebuild=rebuild,
+        desc="hlip-synth",
     )
-    (Path(out_dir) / "synth_config.json").write_text(json.dumps(asdict(config), indent=1))
+    write_json(Path(out_dir) / "synth_config.json", recipe)
     return index
 
 

@@ -8,6 +8,7 @@ radiologist views them. NIfTI and DICOM both go through ``nibabel.as_closest_can
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,35 @@ import numpy as np
 
 _ORIENTATION_TOL = 1e-3
 _SPACING_TOL = 0.1  # relative spread of slice gaps tolerated in one series
+SPACING_RANGE_MM = (0.01, 100.0)
+"""Voxel spacings outside this range (in mm) are refused as implausible for CT and MRI."""
+MAX_VOXELS = 2**29
+"""Default cap on a volume's voxels (2 GiB as float32), checked against its header before reading."""
+_GZIP_MAX_RATIO = 1032  # deflate cannot compress more than about 1032:1
+
+
+def check_spacing(spacing, where: str) -> tuple[float, float, float]:
+    """Three finite voxel sizes in mm within :data:`SPACING_RANGE_MM`, or a ``ValueError``."""
+    low, high = SPACING_RANGE_MM
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and low <= v <= high for v in values):
+        raise ValueError(
+            f"{where}: spacing {spacing!r} is not three finite voxel sizes in mm within {low}..{high}"
+        )
+    return values
+
+
+def check_voxels(shape, max_voxels: int, where: str) -> None:
+    """Refuse a volume whose (declared) shape exceeds the memory cap, before allocating it."""
+    voxels = math.prod(int(n) for n in shape)
+    if voxels > max_voxels:
+        raise ValueError(
+            f"{where}: shape {tuple(int(n) for n in shape)} is {voxels:,} voxels, over the cap of "
+            f"{max_voxels:,} ({max_voxels * 4 / 2**30:.1f} GiB as float32); raise --max-voxels if it is real"
+        )
 
 
 @dataclass
@@ -27,26 +57,37 @@ class Volume:
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
 
 
-def read_volume(path: str | Path, spacing: tuple[float, float, float] | None = None) -> Volume:
-    """Read the scan at ``path``; ``spacing`` overrides/supplies the voxel size of raw arrays."""
+def read_volume(
+    path: str | Path, spacing: tuple[float, float, float] | None = None, max_voxels: int = MAX_VOXELS
+) -> Volume:
+    """Read the scan at ``path``; ``spacing`` overrides/supplies the voxel size of raw arrays.
+
+    The size a file's header declares is checked against the file and against ``max_voxels``
+    before anything is allocated; spacings from headers must be plausible (see
+    :func:`check_spacing`; a manifest's ``spacing`` replaces a wrong one).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     name = path.name.lower()
     if path.is_dir():
-        volume = _read_dicom_series(path)
+        volume = _read_dicom_series(path, max_voxels)
     elif name.endswith((".nii", ".nii.gz")):
-        volume = _read_nifti(path)
+        volume = _read_nifti(path, max_voxels)
     elif name.endswith(".npy"):
-        volume = Volume(np.load(path, allow_pickle=False), None)
+        volume = Volume(_read_npy(path, max_voxels), None)
     elif name.endswith(".pt"):
         import torch
 
         volume = Volume(torch.load(path, map_location="cpu", weights_only=True).numpy(), None)
     else:
-        volume = _read_dicom_file(path)
+        volume = _read_dicom_file(path, max_voxels)
     if spacing is not None:
-        volume.spacing = tuple(float(s) for s in spacing)
+        volume.spacing = check_spacing(spacing, f"{path}: given spacing")
+    elif volume.spacing is not None:
+        volume.spacing = check_spacing(
+            volume.spacing, f"{path}: header spacing (give 'spacing' in the manifest)"
+        )
     volume.array = np.asarray(volume.array, dtype=np.float32)
     _check_array(volume.array, path)
     return volume
@@ -74,10 +115,50 @@ def _canonical(
     return array, (float(zooms[2]), float(zooms[1]), float(zooms[0]))
 
 
-def _read_nifti(path: Path) -> Volume:
+def _read_npy(path: Path, max_voxels: int) -> np.ndarray:
+    """A ``.npy`` array, its header checked against the file size and the cap first."""
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(handle)
+        except ValueError as error:
+            raise ValueError(f"{path}: not a readable .npy file ({error})") from None
+        data_start = handle.tell()
+    check_voxels(shape, max_voxels, str(path))
+    declared = math.prod(shape) * dtype.itemsize
+    if path.stat().st_size - data_start < declared:
+        raise ValueError(
+            f"{path}: truncated: its header declares {declared:,} bytes of data, the file holds "
+            f"{path.stat().st_size - data_start:,}"
+        )
+    return np.load(path, allow_pickle=False)
+
+
+def _check_nifti_size(path: Path, header, max_voxels: int) -> None:
+    """The header's declared data against the cap and what the file can hold (uncompressed:
+    exactly; gzip: at most ~1032× its compressed size)."""
+    shape = header.get_data_shape()
+    check_voxels(shape, max_voxels, str(path))
+    declared = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    if (compressed and declared > size * _GZIP_MAX_RATIO) or (not compressed and declared > size):
+        raise ValueError(
+            f"{path}: truncated or damaged: its header declares shape {tuple(shape)} "
+            f"({declared:,} bytes), the file has {size:,} bytes"
+        )
+
+
+def _read_nifti(path: Path, max_voxels: int) -> Volume:
     import nibabel as nib
 
     image = nib.load(path)
+    _check_nifti_size(path, image.header, max_voxels)
     data = np.asanyarray(image.dataobj, dtype=np.float32)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -92,7 +173,7 @@ def _read_nifti(path: Path) -> Volume:
 # -- DICOM -----------------------------------------------------------------------------------
 
 
-def _read_dicom_file(path: Path) -> Volume:
+def _read_dicom_file(path: Path, max_voxels: int) -> Volume:
     """One DICOM file: a single slice or a multi-frame volume."""
     import pydicom
 
@@ -100,11 +181,11 @@ def _read_dicom_file(path: Path) -> Volume:
     if "PixelData" not in ds:
         raise ValueError(f"{path}: DICOM file without pixel data")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return _multiframe(ds, path)
-    return _series_volume([ds], [path], path, [])
+        return _multiframe(ds, path, max_voxels)
+    return _series_volume([ds], [path], path, [], max_voxels)
 
 
-def _read_dicom_series(folder: Path) -> Volume:
+def _read_dicom_series(folder: Path, max_voxels: int) -> Volume:
     """All image files of one series folder; non-image files are skipped and recorded."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -124,13 +205,13 @@ def _read_dicom_series(folder: Path) -> Volume:
     if not datasets:
         raise ValueError(f"{folder}: no DICOM image in the series folder")
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        volume = _multiframe(datasets[0], paths[0])
+        volume = _multiframe(datasets[0], paths[0], max_voxels)
         volume.skipped_files = skipped
         return volume
     series = {ds.get("SeriesInstanceUID") for ds in datasets}
     if len(series) > 1:
         raise ValueError(f"{folder}: {len(series)} series in one scan folder; give each its own entry")
-    return _series_volume(datasets, paths, folder, skipped)
+    return _series_volume(datasets, paths, folder, skipped, max_voxels)
 
 
 def _orientation(ds, where: Path) -> np.ndarray:
@@ -139,10 +220,20 @@ def _orientation(ds, where: Path) -> np.ndarray:
     return np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
 
 
-def _series_volume(datasets: list, paths: list[Path], where: Path, skipped: list) -> Volume:
+def _pixel_spacing(ds, where: Path):
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if not spacing or len(spacing) != 2:
+        raise ValueError(
+            f"{where}: DICOM without PixelSpacing (0028,0030); its in-plane voxel size is unknown"
+        )
+    return spacing
+
+
+def _series_volume(datasets: list, paths: list[Path], where: Path, skipped: list, max_voxels: int) -> Volume:
     """Sort slices along the slice normal, check geometry, rescale to HU, build the volume."""
     from pydicom.pixels import apply_rescale
 
+    check_voxels((len(datasets), datasets[0].Rows, datasets[0].Columns), max_voxels, str(where))
     orientation = _orientation(datasets[0], paths[0])
     for ds, path in zip(datasets, paths):
         if np.abs(_orientation(ds, path) - orientation).max() > _ORIENTATION_TOL:
@@ -170,9 +261,8 @@ def _series_volume(datasets: list, paths: list[Path], where: Path, skipped: list
     slices = [apply_rescale(ds.pixel_array.astype(np.float32), ds) for ds in datasets]
     array_xyz = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
     description = str(datasets[0].get("SeriesDescription", "") or "")
-    return _from_lps(
-        array_xyz, orientation, datasets[0].PixelSpacing, positions[0], step, description, skipped
-    )
+    pixel_spacing = _pixel_spacing(datasets[0], paths[0])
+    return _from_lps(array_xyz, orientation, pixel_spacing, positions[0], step, description, skipped)
 
 
 def _from_lps(array_xyz, orientation, pixel_spacing, origin, step, description, skipped) -> Volume:
@@ -188,10 +278,11 @@ def _from_lps(array_xyz, orientation, pixel_spacing, origin, step, description, 
     return Volume(array, spacing, description, skipped)
 
 
-def _multiframe(ds, path: Path) -> Volume:
+def _multiframe(ds, path: Path, max_voxels: int) -> Volume:
     """Enhanced multi-frame (per-frame plane positions) or RT dose (grid frame offsets)."""
     from pydicom.pixels import apply_rescale
 
+    check_voxels((int(ds.NumberOfFrames), ds.Rows, ds.Columns), max_voxels, str(path))
     frames = ds.pixel_array.astype(np.float32)  # (frames, rows, cols)
     if "PerFrameFunctionalGroupsSequence" in ds:
         shared = ds.SharedFunctionalGroupsSequence[0]
@@ -217,6 +308,7 @@ def _multiframe(ds, path: Path) -> Volume:
     if len(positions) == 1:
         step = normal * float(geometry.get("SliceThickness", 1.0) or 1.0)
     description = str(ds.get("SeriesDescription", "") or "")
+    pixel_spacing = _pixel_spacing(geometry, path)
     return _from_lps(
-        frames.transpose(2, 1, 0), orientation, geometry.PixelSpacing, positions[0], step, description, []
+        frames.transpose(2, 1, 0), orientation, pixel_spacing, positions[0], step, description, []
     )

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from ..boundary import add_debug_flag, command
 from ..checkpoint import load_hlip_checkpoint, load_pretrained
 from ..data.batching import Batch
 from ..data.config import PrepareConfig
-from ..data.reader import decode_cpu, decoded_studies
+from ..data.reader import decoded_studies
 from ..data.sources import open_studies
+from ..files import atomic_write
 from .prompts import builtin_prompt_sets, load_prompts
 from .run import embed_batches, evaluate_embeddings, reader_config, study_batches, to_markdown
 from .zeroshot import ZeroShotClassifier
@@ -58,6 +59,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_flag(parser)
 
 
 def model_from_args(args: argparse.Namespace):
@@ -76,8 +78,7 @@ def batches_from_args(model, args: argparse.Namespace, skipped: list[dict]) -> I
     """The data argument as token-budget batches shaped for ``model`` (evaluation order)."""
     prepare = PrepareConfig(grid=tuple(args.grid), default_modality=args.modality.upper())
     raws = open_studies(args.data, prepare, skipped)
-    pairs = ((raw, decode_cpu(raw)) for raw in raws)
-    studies = decoded_studies(pairs, reader_config(model), train=False, epoch=0)
+    studies = decoded_studies(raws, reader_config(model), train=False, epoch=0)
     return study_batches(model, studies, args.max_tokens)
 
 
@@ -95,15 +96,9 @@ def _embed_data(model, args: argparse.Namespace, with_text: bool):
     return embeddings, skipped
 
 
-def _run(main, name: str, argv: list[str] | None) -> int:
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"{name}: {error}", file=sys.stderr)
-        return 2
-
-
-def _eval(argv: list[str] | None) -> int:
+@command("hlip-eval")
+def eval_main(argv: list[str] | None = None) -> int:
+    """``hlip-eval DATA --model DIR --prompts FILE ...``."""
     parser = argparse.ArgumentParser(
         "hlip-eval", description="Zero-shot classification and study-report retrieval."
     )
@@ -134,15 +129,17 @@ def _eval(argv: list[str] | None) -> int:
     )
     results["skipped"] = skipped
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write(args.out / "results.json", json.dumps(results, indent=2))
     markdown = to_markdown(results)
-    (args.out / "results.md").write_text(markdown + "\n")
+    atomic_write(args.out / "results.md", markdown + "\n")
     print(markdown)
     print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}; skipped {len(skipped)} item(s)")
     return 0
 
 
-def _embed(argv: list[str] | None) -> int:
+@command("hlip-embed")
+def embed_main(argv: list[str] | None = None) -> int:
+    """``hlip-embed DATA --model DIR --out embeddings.safetensors``."""
     parser = argparse.ArgumentParser(
         "hlip-embed", description="Study embeddings (normalised) for a folder of studies."
     )
@@ -160,19 +157,9 @@ def _embed(argv: list[str] | None) -> int:
         "normalized": "true",
         "skipped": json.dumps(skipped),
     }
-    save_file({"embeddings": embeddings.study.contiguous()}, args.out, metadata=metadata)
+    atomic_write(args.out, save({"embeddings": embeddings.study.contiguous()}, metadata=metadata))
     print(
         f"wrote {len(embeddings.study_ids)} embeddings of width {embeddings.study.shape[1]} to {args.out}; "
         f"skipped {len(skipped)} item(s)" + "".join(f"\n  {s}" for s in skipped)
     )
     return 0
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    """``hlip-eval DATA --model DIR --prompts FILE ...``."""
-    return _run(_eval, "hlip-eval", argv)
-
-
-def embed_main(argv: list[str] | None = None) -> int:
-    """``hlip-embed DATA --model DIR --out embeddings.safetensors``."""
-    return _run(_embed, "hlip-embed", argv)

@@ -23,11 +23,10 @@ Finding and class names are the label names of the studies being scored. A bare 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from ..files import read_config_file
 
 PROTOCOLS = ("binary", "multiclass")
 BUILTIN = Path(__file__).with_name("prompts")
@@ -66,6 +65,17 @@ def _binary(name: str, value, where: str) -> tuple[tuple[str, ...], ...]:
     return tuple(_phrases(v, f"{where}: finding {name!r}") for v in value)
 
 
+def _is_template(template) -> bool:
+    """Text with one ``{}`` that ``str.format`` fills (``{finding}`` would raise ``KeyError``)."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        return False
+    try:
+        template.format("x")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
 def load_prompts(source: str | Path) -> PromptSet:
     """A prompt set from a ``.yaml``/``.yml``/``.json`` file or a built-in name."""
     path = Path(source)
@@ -73,14 +83,16 @@ def load_prompts(source: str | Path) -> PromptSet:
         path = BUILTIN / f"{source}.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"no prompt file {source!r}; built-in sets: {builtin_prompt_sets()}")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    data = read_config_file(path)
     where = str(path)
     if not isinstance(data, dict) or data.get("protocol") not in PROTOCOLS:
         raise ValueError(f"{where}: needs 'protocol' set to one of {PROTOCOLS}")
     templates = tuple(data.get("templates") or ("{}",))
-    if bad := [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]:
-        raise ValueError(f"{where}: every template needs exactly one '{{}}', got {bad}")
+    if bad := [t for t in templates if not _is_template(t)]:
+        raise ValueError(
+            f"{where}: every template needs exactly one '{{}}' and no other braces (write '{{{{' for a "
+            f"literal brace), got {bad}"
+        )
     key = "findings" if data["protocol"] == "binary" else "classes"
     entries = data.get(key)
     if not isinstance(entries, dict) or not entries:
