@@ -6,6 +6,10 @@ original HLIP does), hlip_fast as uint8 LZ4 slices in tar shards. Reports studie
 GB/s of delivered float32 voxels and bytes on disk, medians over ``--repeats`` full passes.
 With CUDA (and ``nvidia-nvcomp-cu13``), also the nvCOMP GPU decode of the same shards.
 
+The cost of verifying every study's checksums: the shard reader with and without verification,
+as DataLoader rows and, less noisy, in one process with the two passes interleaved; and the
+hashing alone (XXH3 over every shard byte) as a share of one verified pass.
+
     python bench/data.py [--studies 96] [--workers 2] [--repeats 3]
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from hlip_fast.data import PrepareConfig, list_shards
 from hlip_fast.data.reader import RawStudies, StudyBatches, decode_cpu
 from hlip_fast.data.synth import SIZES, synthesize
+from hlip_fast.integrity import digest
 
 
 class PtFiles(Dataset):
@@ -41,8 +47,8 @@ class PtFiles(Dataset):
 class DecodedStudies(IterableDataset):
     """hlip_fast's CPU reader up to decoded, normalised studies (no batching, like the baseline)."""
 
-    def __init__(self, root: Path):
-        self.batches = StudyBatches(RawStudies(root))
+    def __init__(self, root: Path, verify: bool = True):
+        self.batches = StudyBatches(RawStudies(root, verify=verify))
 
     def __iter__(self):
         return (study.scans for study in self.batches.studies())
@@ -70,6 +76,28 @@ def drain(loader) -> tuple[int, int, int]:
     return studies, volumes, voxels
 
 
+def checksum_cost(root: Path, repeats: int) -> dict[str, float]:
+    """Seconds of one in-process pass over the decoded studies with and without checksum
+    verification (passes interleaved, medians), and of hashing every shard byte alone."""
+    passes: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for verify in (True, False):
+            start = time.perf_counter()
+            drain(DecodedStudies(root, verify))
+            passes[verify].append(time.perf_counter() - start)
+    blobs = [path.read_bytes() for path in list_shards(root)]
+    hashing = median(measure(lambda: [digest(b) for b in blobs], repeats))
+    verified, unverified = median(passes[True]), median(passes[False])
+    return {
+        "verified_s": verified,
+        "unverified_s": unverified,
+        "overhead": verified / unverified - 1,
+        "hashing_s": hashing,
+        "hashing_share": hashing / verified,
+        "hash_gb_per_s": sum(map(len, blobs)) / hashing / 1e9,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=96)
@@ -94,7 +122,11 @@ def main() -> None:
         "hlip_fast_shards": lambda: DataLoader(
             DecodedStudies(work / "shards"), batch_size=None, num_workers=args.workers
         ),
+        "hlip_fast_shards_unverified": lambda: DataLoader(
+            DecodedStudies(work / "shards", verify=False), batch_size=None, num_workers=args.workers
+        ),
     }
+    disk["hlip_fast_shards_unverified"] = disk["hlip_fast_shards"]
     if torch.cuda.is_available():
         try:
             from hlip_fast.data.gpu import NvcompDecoder
@@ -135,6 +167,14 @@ def main() -> None:
             f"| {r['reader']} | {r['studies_per_s']:.1f} | {r['volumes_per_s']:.1f} | {r['gb_per_s']:.3f} "
             f"| {r['disk_mb']:.1f} | {r['studies_per_s'] / base:.2f}× |"
         )
+    cost = checksum_cost(work / "shards", max(5, args.repeats))
+    by_name = {r["reader"]: r["studies_per_s"] for r in rows}
+    loader_overhead = by_name["hlip_fast_shards_unverified"] / by_name["hlip_fast_shards"] - 1
+    print(
+        f"checksums: {100 * loader_overhead:+.1f}% time with DataLoader workers; in one process "
+        f"{100 * cost['overhead']:+.1f}% ({cost['verified_s']:.3f} vs {cost['unverified_s']:.3f} s a pass); "
+        f"hashing alone {100 * cost['hashing_share']:.2f}% of a pass ({cost['hash_gb_per_s']:.1f} GB/s)"
+    )
     device = "gpu" if torch.cuda.is_available() else "cpu"
     settings = {
         "studies": args.studies,
@@ -142,7 +182,8 @@ def main() -> None:
         "repeats": args.repeats,
         "grid": config.grid,
     }
-    path = write_results(f"data_{device}", {"config": settings, "results": rows})
+    checksums = {"dataloader_overhead": loader_overhead, **cost}
+    path = write_results(f"data_{device}", {"config": settings, "results": rows, "checksums": checksums})
     print(f"wrote {path}")
 
 

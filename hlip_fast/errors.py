@@ -1,5 +1,5 @@
 """The exceptions that cross module boundaries, so that every command-line tool can turn them
-into one clear message (see :mod:`hlip_fast.boundary`)."""
+into one clear message (see :mod:`hlip_fast.boundary`), and how a list of problems reads."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ class DataError(ValueError):
 class RunStopped(RuntimeError):
     """A run stopped before its end for a reason the user must act on (divergence, too many
     damaged studies, non-finite weights); the message says what to do."""
+
+
+def problem_list(summary: str, problems: list[str], limit: int = 20) -> str:
+    """One line for one problem; a summary and an indented line per problem (the first ``limit``)
+    for several."""
+    if len(problems) == 1:
+        return f"{summary}: {problems[0]}"
+    shown = "".join(f"\n  - {p}" for p in problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{summary} ({len(problems)} problems):{shown}{more}"

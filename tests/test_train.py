@@ -188,13 +188,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
         )
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(corpus, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_and_exits_cleanly(corpus, tmp_path, stop):
     process = launch(run_args(corpus, tmp_path, "--name", "term", "--steps", "1000", "--save-every", "1000"))
     wait_for(tmp_path / "term" / "metrics.jsonl", process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
-    assert "stopped by SIGTERM" in output
+    assert f"stopped by {stop.name}" in output
     (checkpoint,) = (tmp_path / "term" / "checkpoints").glob("*.pt")
     state = torch.load(checkpoint, weights_only=True)
     assert 1 <= state["step"] < 1000 and checkpoint.name == f"step_{state['step']:08d}.pt"
@@ -218,6 +219,8 @@ def test_divergence_stops_with_the_last_good_checkpoint(corpus, tmp_path, capsys
         "100",
         "--grad-clip-norm",
         "none",
+        "--wd",
+        "0",
     )
     assert train_main(args) == 3
     err = capsys.readouterr().err

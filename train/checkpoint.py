@@ -62,9 +62,13 @@ class Checkpoints:
             }
             write_json(self._sum_path(path), record)
             os.replace(tmp, path)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
             tmp.unlink(missing_ok=True)
-            raise OSError(error.errno, error.strerror, str(path)) from error
+            # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+            cause = error if isinstance(error, OSError) else error.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from error
         for old in self.all()[: -self.keep]:
             old.unlink(missing_ok=True)
             self._sum_path(old).unlink(missing_ok=True)

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hlip_fast.boundary import add_debug_flag
+from hlip_fast.errors import problem_list
 from hlip_fast.files import read_config_file
 
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp")
 READERS = ("cpu", "nvcomp")
 ON_ERROR = ("raise", "skip")
+FLOAT32_MAX = 3.4028234663852886e38
 RUN_ONLY = frozenset(
     {
         "logs",
@@ -196,7 +198,7 @@ class TrainConfig:
         if self.resume_override and not self.resume:
             problems.append("resume_override needs resume (latest or a checkpoint path)")
         if problems:
-            raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+            raise ValueError(problem_list("invalid training config", problems))
 
     def _number_problems(self) -> list[str]:
         """Finiteness and the ranges the generic checks above do not cover."""
@@ -207,6 +209,13 @@ class TrainConfig:
                 problems.append(f"{f.name} must be a finite number, got {value}")
         if problems:
             return problems
+        if self.lr >= FLOAT32_MAX:
+            problems.append(f"lr must be below {FLOAT32_MAX:.3g} (the largest float32), got {self.lr}")
+        if self.lr * self.wd >= 1:
+            problems.append(
+                f"lr × wd must be < 1 (AdamW scales the weights by 1 - lr·wd every step), "
+                f"got {self.lr} × {self.wd}"
+            )
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             problems.append(
                 f"grad_clip_norm must be > 0 (or none to turn clipping off), got {self.grad_clip_norm}"

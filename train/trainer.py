@@ -36,7 +36,7 @@ from hlip_fast.checkpoint import save_pretrained
 from hlip_fast.clip import HLIPModel, create_clip
 from hlip_fast.data.batching import Batch
 from hlip_fast.data.reader import RawStudies
-from hlip_fast.errors import RunStopped
+from hlip_fast.errors import RunStopped, problem_list
 from hlip_fast.files import read_json, write_json
 from hlip_fast.folder_lock import FolderLock
 from hlip_fast.losses import ClipLoss, SigLipLoss
@@ -133,7 +133,7 @@ class Trainer:
         vision = get_config(cfg.model)
         self.plan = plan_epoch(cfg, vision.patch_size, cfg.max_scans or vision.max_num_scans)
         if problems := plan_problems(cfg, self.plan, vision.patch_size, dist.world_size):
-            raise ValueError("these data and settings cannot train:\n  - " + "\n  - ".join(problems))
+            raise ValueError(problem_list("these data and settings cannot train", problems))
         name = cfg.name or D.broadcast(datetime.now().strftime("hlip-%Y%m%d-%H%M%S"))
         self.run_dir = Path(cfg.logs) / name
         self.lock = D.on_main(FolderLock(self.run_dir, "hlip-train").acquire)
@@ -223,8 +223,11 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------
     def _state(self) -> dict:
+        # Before the first update the optimizer has no state; get_state_dict would create it with
+        # a dummy step (and so change the run), so then only the model is saved.
+        optimizers = self.optimizer if self.optimizer.state else []
         model_state, optim_state = get_state_dict(
-            self.net, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.net, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         position = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "rng": rng_state()}
         return {
@@ -303,7 +306,7 @@ class Trainer:
     def _restore(self, path: Path, state: dict) -> None:
         set_state_dict(
             self.net,
-            self.optimizer,
+            self.optimizer if state["optimizer"] else [],
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(full_state_dict=True),
@@ -555,6 +558,12 @@ class Trainer:
                     self.save()
                 if stop:
                     return self._stopped(last)
+            if streak:
+                raise TrainingStopped(
+                    f"the run ended on {streak} steps with a non-finite loss or gradient: its weights give "
+                    f"non-finite results and were not exported. Weights from before them: "
+                    f"{self.checkpoints.latest()}. Lower --lr or raise --warmup and resume from there."
+                )
             if self.saved_step != self.step:
                 self.save()
             if self.evaluator and cfg.zeroshot_every != 0 and self.step % cfg.zeroshot_every:

@@ -16,10 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import problem_list
 from ..files import parse_json, read_text
 from .volumes import check_spacing
-
-_MAX_REPORTED = 20
 
 
 @dataclass
@@ -107,9 +106,11 @@ def _rows(path: Path) -> list[tuple[str, object]]:
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append((f"{path}:{n}", parse_json(line, f"{path}:{n}")))
-                except ValueError as error:
-                    rows.append((f"{path}:{n}", error))
+                    rows.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    rows.append(
+                        (f"{path}:{n}", ValueError(f"{path}:{n}:{error.colno}: invalid JSON: {error.msg}"))
+                    )
         return rows
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -125,7 +126,7 @@ def _rows(path: Path) -> list[tuple[str, object]]:
 def read_manifest(path: str | Path) -> list[StudyEntry]:
     """Rows of a ``.csv`` (columns study_id, scans separated by ``;``, report, labels as JSON,
     modality) or ``.jsonl`` manifest; relative scan paths are taken from the manifest's folder.
-    Every bad row is reported (the first ones, with the count) in one ``ValueError``."""
+    Every bad row is reported (the first 20, with the count) in one ``ValueError``."""
     path = Path(path)
     studies, problems, seen = [], [], {}
     for where, row in _rows(path):
@@ -143,9 +144,7 @@ def read_manifest(path: str | Path) -> list[StudyEntry]:
         seen.setdefault(study.study_id, where)
         studies.append(study)
     if problems:
-        shown = "\n  ".join(problems[:_MAX_REPORTED])
-        more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
-        raise ValueError(f"{path}: {len(problems)} bad row(s), fix them first:\n  {shown}{more}")
+        raise ValueError(problem_list(f"{path}: bad rows, fix them first", problems))
     return studies
 
 
