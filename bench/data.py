@@ -6,9 +6,9 @@ original HLIP does), hlip_fast as uint8 LZ4 slices in tar shards. Reports studie
 GB/s of delivered float32 voxels and bytes on disk, medians over ``--repeats`` full passes.
 With CUDA (and ``nvidia-nvcomp-cu13``), also the nvCOMP GPU decode of the same shards.
 
-The cost of verifying every study's checksums: the shard reader with and without verification,
-as DataLoader rows and, less noisy, in one process with the two passes interleaved; and the
-hashing alone (XXH3 over every shard byte) as a share of one verified pass.
+The cost of verifying every study's checksums: passes with and without verification,
+interleaved, through the DataLoader workers (the reader's throughput) and in one process (the
+CPU time per study; noisy on a shared machine).
 
     python bench/data.py [--studies 96] [--workers 2] [--repeats 3]
 """
@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from hlip_fast.data import PrepareConfig, list_shards
 from hlip_fast.data.reader import RawStudies, StudyBatches, decode_cpu
 from hlip_fast.data.synth import SIZES, synthesize
-from hlip_fast.integrity import digest
 
 
 class PtFiles(Dataset):
@@ -76,26 +75,27 @@ def drain(loader) -> tuple[int, int, int]:
     return studies, volumes, voxels
 
 
-def checksum_cost(root: Path, repeats: int) -> dict[str, float]:
-    """Seconds of one in-process pass over the decoded studies with and without checksum
-    verification (passes interleaved, medians), and of hashing every shard byte alone."""
-    passes: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(repeats):
-        for verify in (True, False):
-            start = time.perf_counter()
-            drain(DecodedStudies(root, verify))
-            passes[verify].append(time.perf_counter() - start)
-    blobs = [path.read_bytes() for path in list_shards(root)]
-    hashing = median(measure(lambda: [digest(b) for b in blobs], repeats))
-    verified, unverified = median(passes[True]), median(passes[False])
-    return {
-        "verified_s": verified,
-        "unverified_s": unverified,
-        "overhead": verified / unverified - 1,
-        "hashing_s": hashing,
-        "hashing_share": hashing / verified,
-        "hash_gb_per_s": sum(map(len, blobs)) / hashing / 1e9,
+def checksum_cost(root: Path, workers: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Seconds of a pass over the decoded studies with and without checksum verification
+    (passes interleaved, medians): through DataLoader workers as benchmarked above, and in one
+    process (the CPU time per study)."""
+    makers = {
+        "reader": lambda verify: DataLoader(
+            DecodedStudies(root, verify), batch_size=None, num_workers=workers
+        ),
+        "one_process": lambda verify: DecodedStudies(root, verify),
     }
+    cost: dict[str, dict[str, float]] = {}
+    for name, make in makers.items():
+        passes: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):
+            for verify in (True, False):
+                start = time.perf_counter()
+                drain(make(verify))
+                passes[verify].append(time.perf_counter() - start)
+        on, off = median(passes[True]), median(passes[False])
+        cost[name] = {"verified_s": on, "unverified_s": off, "overhead": on / off - 1}
+    return cost
 
 
 def main() -> None:
@@ -122,11 +122,7 @@ def main() -> None:
         "hlip_fast_shards": lambda: DataLoader(
             DecodedStudies(work / "shards"), batch_size=None, num_workers=args.workers
         ),
-        "hlip_fast_shards_unverified": lambda: DataLoader(
-            DecodedStudies(work / "shards", verify=False), batch_size=None, num_workers=args.workers
-        ),
     }
-    disk["hlip_fast_shards_unverified"] = disk["hlip_fast_shards"]
     if torch.cuda.is_available():
         try:
             from hlip_fast.data.gpu import NvcompDecoder
@@ -167,13 +163,12 @@ def main() -> None:
             f"| {r['reader']} | {r['studies_per_s']:.1f} | {r['volumes_per_s']:.1f} | {r['gb_per_s']:.3f} "
             f"| {r['disk_mb']:.1f} | {r['studies_per_s'] / base:.2f}× |"
         )
-    cost = checksum_cost(work / "shards", max(5, args.repeats))
-    by_name = {r["reader"]: r["studies_per_s"] for r in rows}
-    loader_overhead = by_name["hlip_fast_shards_unverified"] / by_name["hlip_fast_shards"] - 1
+    cost = checksum_cost(work / "shards", args.workers, max(11, args.repeats))
+    reader, alone = cost["reader"], cost["one_process"]
     print(
-        f"checksums: {100 * loader_overhead:+.1f}% time with DataLoader workers; in one process "
-        f"{100 * cost['overhead']:+.1f}% ({cost['verified_s']:.3f} vs {cost['unverified_s']:.3f} s a pass); "
-        f"hashing alone {100 * cost['hashing_share']:.2f}% of a pass ({cost['hash_gb_per_s']:.1f} GB/s)"
+        f"checksums: {100 * reader['overhead']:+.1f}% reader time ({args.workers} DataLoader workers), "
+        f"{100 * alone['overhead']:+.1f}% in one process ({alone['verified_s']:.3f} vs "
+        f"{alone['unverified_s']:.3f} s a pass), medians of {max(11, args.repeats)} interleaved passes"
     )
     device = "gpu" if torch.cuda.is_available() else "cpu"
     settings = {
@@ -182,8 +177,7 @@ def main() -> None:
         "repeats": args.repeats,
         "grid": config.grid,
     }
-    checksums = {"dataloader_overhead": loader_overhead, **cost}
-    path = write_results(f"data_{device}", {"config": settings, "results": rows, "checksums": checksums})
+    path = write_results(f"data_{device}", {"config": settings, "results": rows, "checksums": cost})
     print(f"wrote {path}")
 
 

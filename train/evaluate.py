@@ -33,12 +33,13 @@ class ZeroShotEval:
             model, cfg = self.model, self.cfg
             was_training = model.training
             classifiers = [ZeroShotClassifier.build(model.eval(), p) for p in self.prompt_sets]
-            raws = RawStudies(cfg.val_data, train=False, rank=0, world_size=1)
-            studies = decoded_studies(raws, reader_config(model), False, 0)
+            raws = RawStudies(cfg.val_data, train=False, rank=0, world_size=1, on_error=cfg.on_error)
+            studies = decoded_studies(raws, reader_config(model), False, 0, on_damage=raws.damaged)
             embeddings = embed_batches(
                 model, study_batches(model, studies, cfg.max_tokens), device=dist.device, progress=False
             )
             results = evaluate_embeddings(embeddings, classifiers, model.logit_scale.exp().item())
+            results["skipped"] = raws.skipped
             model.train(was_training)
             out = run_dir / "eval"
             out.mkdir(exist_ok=True)

@@ -128,6 +128,9 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
+    """One run: checks the data plan, locks the run folder (released by :meth:`close` or on
+    leaving a ``with`` block), resumes when asked, builds model, optimiser and schedule."""
+
     def __init__(self, cfg: TrainConfig, dist: D.Dist):
         self.cfg, self.dist = cfg, dist
         vision = get_config(cfg.model)
@@ -137,6 +140,14 @@ class Trainer:
         name = cfg.name or D.broadcast(datetime.now().strftime("hlip-%Y%m%d-%H%M%S"))
         self.run_dir = Path(cfg.logs) / name
         self.lock = D.on_main(FolderLock(self.run_dir, "hlip-train").acquire)
+        try:
+            self._setup(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, name: str) -> None:
+        cfg, dist = self.cfg, self.dist
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep)
         self.overrides: dict[str, tuple] = {}
         resumed = self._checkpoint_to_resume()

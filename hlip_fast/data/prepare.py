@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -270,7 +271,8 @@ def _in_order(run: Callable, jobs: list, workers: int) -> Iterator[StudyResult]:
         return ProcessPoolExecutor(size, mp_context=context, initializer=_single_thread)
 
     def isolated(suspects: list[int]) -> None:
-        """Run each suspect alone on a one-process pool; a job that kills it is fatal."""
+        """Run each suspect alone on a one-process pool; a job that kills it is fatal, unless
+        a fresh process cannot even run a no-op (then no worker can start: an error)."""
         single = new_pool(1)
         try:
             for j in suspects:
@@ -278,11 +280,17 @@ def _in_order(run: Callable, jobs: list, workers: int) -> Iterator[StudyResult]:
                 try:
                     done.set_result(single.submit(run, jobs[j]).result())
                 except BrokenProcessPool:
+                    single.shutdown(wait=False, cancel_futures=True)
+                    single = new_pool(1)
+                    try:
+                        single.submit(os.getpid).result()
+                    except BrokenProcessPool:
+                        raise ChildProcessError(
+                            "worker processes die as they start; run with --workers 1 to see the error"
+                        ) from None
                     reason = "the process preparing it died twice (killed, e.g. by the out-of-memory killer)"
                     log.error("%s: %s", _job_name(jobs[j]), reason)
                     done.set_result(StudyResult(_job_name(jobs[j]), None, [], reason))
-                    single.shutdown(wait=False, cancel_futures=True)
-                    single = new_pool(1)
                 futures[j] = done
         finally:
             single.shutdown(wait=False, cancel_futures=True)

@@ -176,11 +176,19 @@ def decoded_studies(
     train: bool,
     epoch: int,
     decode: Callable[[RawStudy], list[torch.Tensor]] = decode_cpu,
+    on_damage: Callable[[DataError], None] | None = None,
 ) -> Iterator[Study]:
     """Normalised (in training augmented) studies; a study that cannot be decoded raises a
-    :class:`DataError` naming it."""
+    :class:`DataError` naming it, or with ``on_damage`` is passed to it and left out."""
     for raw in raws:
-        yield decode_study(raw, decode, reader, train, epoch)
+        try:
+            study = decode_study(raw, decode, reader, train, epoch)
+        except DataError as error:
+            if on_damage is None:
+                raise
+            on_damage(error)
+            continue
+        yield study
 
 
 def token_batches(studies: Iterable[Study], reader: ReaderConfig, batching: BatchConfig) -> Iterator[Batch]:
@@ -221,13 +229,8 @@ class StudyBatches(IterableDataset):
         self.raw.set_epoch(epoch)
 
     def studies(self) -> Iterator[Study]:
-        for raw in self.raw:
-            try:
-                study = decode_study(raw, self.decode, self.reader, self.raw.train, self.raw.epoch)
-            except DataError as error:
-                self.raw.damaged(error)
-                continue
-            yield study
+        raw = self.raw
+        return decoded_studies(raw, self.reader, raw.train, raw.epoch, self.decode, on_damage=raw.damaged)
 
     def __iter__(self) -> Iterator[Batch]:
         return token_batches(self.studies(), self.reader, self.batching)

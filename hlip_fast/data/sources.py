@@ -48,16 +48,27 @@ def preprocessed(entries: list[StudyEntry], config: PrepareConfig, skipped: list
         yield RawStudy(entry.study_id, meta, blob, sizes, shard=str(entry.scans[0].path))
 
 
+def _shard_studies(source: Path, skipped: list[dict], on_error: str) -> Iterator[RawStudy]:
+    studies = RawStudies(source, train=False, rank=0, world_size=1, on_error=on_error)
+    yield from studies
+    skipped += studies.skipped
+
+
 def open_studies(
-    source: str | Path, config: PrepareConfig | None = None, skipped: list[dict] | None = None
+    source: str | Path,
+    config: PrepareConfig | None = None,
+    skipped: list[dict] | None = None,
+    on_error: str = "raise",
 ) -> Iterator[RawStudy]:
     """Stored studies of ``source``: a prepared folder (``index.json``) or ``.tar`` shard, a
-    ``.csv``/``.jsonl`` manifest, or a folder of study folders (preprocessed with ``config``)."""
+    ``.csv``/``.jsonl`` manifest, or a folder of study folders (preprocessed with ``config``).
+    Raw studies that cannot be read, and damaged stored ones under ``on_error="skip"``, are
+    appended to ``skipped`` with the reason."""
     source = Path(source)
     skipped = [] if skipped is None else skipped
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
     if source.suffix == ".tar" or (source / "index.json").is_file():
-        return iter(RawStudies(source, train=False, rank=0, world_size=1))
+        return _shard_studies(source, skipped, on_error)
     entries = read_manifest(source) if source.is_file() else folder_manifest(source)
     return preprocessed(entries, config or PrepareConfig(), skipped)

@@ -58,6 +58,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
+    parser.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a damaged stored study: stop naming it, or skip it and list it with the results",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_debug_flag(parser)
 
@@ -77,8 +83,9 @@ def model_from_args(args: argparse.Namespace):
 def batches_from_args(model, args: argparse.Namespace, skipped: list[dict]) -> Iterator[Batch]:
     """The data argument as token-budget batches shaped for ``model`` (evaluation order)."""
     prepare = PrepareConfig(grid=tuple(args.grid), default_modality=args.modality.upper())
-    raws = open_studies(args.data, prepare, skipped)
-    studies = decoded_studies(raws, reader_config(model), train=False, epoch=0)
+    raws = open_studies(args.data, prepare, skipped, on_error=args.on_error)
+    damaged = None if args.on_error == "raise" else lambda error: skipped.append(error.record())
+    studies = decoded_studies(raws, reader_config(model), train=False, epoch=0, on_damage=damaged)
     return study_batches(model, studies, args.max_tokens)
 
 

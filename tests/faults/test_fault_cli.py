@@ -5,10 +5,11 @@ with --debug."""
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
-from damage import flip, truncate, without_rights
+from damage import copy_corpus, flip, truncate, without_rights
 from hlip_fast.train import main as train_main
 from hlip_fast.train.demo import main as train_demo_main
 
@@ -125,3 +126,17 @@ def test_a_manifest_json_error_names_line_and_column(tmp_path, capsys):
     )
     status, err = run(prepare_main, [str(manifest), str(tmp_path / "o")], capsys)
     assert status == 2 and "m.jsonl:2:18: invalid JSON" in err
+
+
+def test_eval_stops_at_a_damaged_study_or_skips_and_lists_it(model_folder, shards, tmp_path, capsys):
+    data = copy_corpus(shards, tmp_path / "data")
+    with tarfile.open(data / "shard-000002.tar") as tar:
+        lz4 = next(m for m in tar.getmembers() if m.name.endswith(".lz4"))
+    flip(data / "shard-000002.tar", lz4.offset_data + 5)
+    argv = [str(data), "--model", str(model_folder), "--quiet", "--out", str(tmp_path / "eval")]
+    status, err = run(eval_main, argv, capsys)
+    assert status == 2 and "shard-000002.tar: study" in err and "checksum mismatch" in err
+    status, err = run(eval_main, [*argv, "--on-error", "skip"], capsys)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert status == 0 and results["studies"] == 11 and len(results["skipped"]) == 1
+    assert "shard-000002.tar" in results["skipped"][0]["reason"]
