@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -161,7 +161,8 @@ def save_pretrained(model: HLIPModel, out_dir: str | os.PathLike) -> Path:
     """Write ``model`` in hlip_fast's format; the folder appears complete or not at all."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}"  # umask permissions
+    staging.mkdir()
     try:
         model.text.save_architecture(staging / TEXT_DIR)
         text = dataclasses.replace(model.config.text, model=TEXT_DIR, pretrained=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     ``OSError`` naming ``path``."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:  # unlike mkstemp's 0600, the umask's permissions
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())

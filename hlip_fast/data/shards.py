@@ -231,6 +231,8 @@ def read_shard(
     key, members, end = None, {}, 0
 
     def finish_study() -> Iterator[RawStudy]:
+        if key in read:  # a second copy of a key, reported where it began
+            return
         read.add(key)
         if listed is not None and key not in listed:
             report(DataError(f"{path}: study key {key!r} is not in the index", shard=path, key=key))
@@ -255,15 +257,13 @@ def read_shard(
                     report(DataError(f"{path}: unexpected tar member {member.name!r}{after()}", shard=path))
                     continue
                 member_key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                if member_key != key and key is not None:
-                    yield from finish_study()
-                    members = {}
-                if member_key in read:
-                    report(
-                        DataError(
-                            f"{path}: study key {member_key!r} stored twice", shard=path, key=member_key
-                        )
-                    )
+                if member_key != key:
+                    if key is not None:
+                        yield from finish_study()
+                        members = {}
+                    if member_key in read:
+                        message = f"{path}: study key {member_key!r} stored twice"
+                        report(DataError(message, shard=path, key=member_key))
                 key = member_key
                 members[ext] = tar.extractfile(member).read()
             if key is not None:

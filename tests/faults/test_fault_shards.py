@@ -7,12 +7,13 @@ import json
 import tarfile
 from pathlib import Path
 
+import lz4.block
 import numpy as np
 import pytest
 from damage import copy_corpus, flip, truncate
 
 from hlip_fast.data.reader import BatchConfig, RawStudies, StudyBatches, cpu_loader
-from hlip_fast.data.shards import ShardWriter, read_index
+from hlip_fast.data.shards import ShardWriter, read_index, read_shard
 from hlip_fast.errors import DataError, IntegrityError
 from hlip_fast.integrity import with_checksum
 
@@ -206,3 +207,23 @@ def test_undecodable_slices_are_named_not_an_unpicklable_lz4_error(tmp_path):
         )
     loader = cpu_loader(StudyBatches(RawStudies(tmp_path / "bad.tar", on_error="skip"), batching=batching), 1)
     assert batch_ids(loader) == [] and [r["study_id"] for r in loader.skipped] == ["s0"]
+
+
+def test_a_study_key_stored_twice_is_reported_once_and_read_once(tmp_path):
+    writer = ShardWriter(tmp_path / "dup.tar")
+    blob = lz4.block.compress(bytes(64), store_size=False)
+    for key in ("a", "b", "a"):
+        meta = {
+            "study_id": key,
+            "report": "r.",
+            "labels": {},
+            "dtype": "uint8",
+            "grid": [8, 8],
+            "scans": [{"shape": [1, 8, 8]}],
+            "tokens": 1,
+        }
+        writer.write(key, meta, blob, np.array([len(blob)]))
+    writer.close()
+    errors: list[DataError] = []
+    assert [r.key for r in read_shard(tmp_path / "dup.tar", on_damage=errors.append)] == ["a", "b"]
+    assert [str(e) for e in errors] == [f"{tmp_path / 'dup.tar'}: study key 'a' stored twice"]
