@@ -10,7 +10,7 @@ The cost of verifying every study's checksums: passes with and without verificat
 interleaved, through the DataLoader workers (the reader's throughput) and in one process (the
 CPU time per study; noisy on a shared machine).
 
-    python bench/data.py [--studies 96] [--workers 2] [--repeats 3]
+    python bench/data.py [--studies 96] [--workers 2] [--repeats 3] [--checksum-repeats 11]
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=96)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--checksum-repeats", type=int, default=11, help="interleaved passes with and without checksums"
+    )
     args = parser.parse_args()
     config = replace(SIZES["medium"], num_studies=args.studies, seed=1)
     work = Path(tempfile.mkdtemp(prefix="hlip_data_bench_"))
@@ -163,18 +166,19 @@ def main() -> None:
             f"| {r['reader']} | {r['studies_per_s']:.1f} | {r['volumes_per_s']:.1f} | {r['gb_per_s']:.3f} "
             f"| {r['disk_mb']:.1f} | {r['studies_per_s'] / base:.2f}× |"
         )
-    cost = checksum_cost(work / "shards", args.workers, max(11, args.repeats))
+    cost = checksum_cost(work / "shards", args.workers, args.checksum_repeats)
     reader, alone = cost["reader"], cost["one_process"]
     print(
         f"checksums: {100 * reader['overhead']:+.1f}% reader time ({args.workers} DataLoader workers), "
         f"{100 * alone['overhead']:+.1f}% in one process ({alone['verified_s']:.3f} vs "
-        f"{alone['unverified_s']:.3f} s a pass), medians of {max(11, args.repeats)} interleaved passes"
+        f"{alone['unverified_s']:.3f} s a pass), medians of {args.checksum_repeats} interleaved passes"
     )
     device = "gpu" if torch.cuda.is_available() else "cpu"
     settings = {
         "studies": args.studies,
         "workers": args.workers,
         "repeats": args.repeats,
+        "checksum_repeats": args.checksum_repeats,
         "grid": config.grid,
     }
     path = write_results(f"data_{device}", {"config": settings, "results": rows, "checksums": cost})

@@ -34,7 +34,7 @@ pytest=(timeout 100 python3 -P -m pytest -q -p no:cacheprovider)
 cd bench
 timeout 180 python3 attention.py --install-table 2>&1 | tee "$OUT/attention.log"
 # 3. The data benchmark: nvCOMP GPU decode beside the CPU reader (nvCOMP wheels in .whl/).
-timeout 60 python3 data.py --studies 64 --repeats 3 2>&1 | tee "$OUT/data.log"
+timeout 60 python3 data.py --studies 64 --repeats 3 --checksum-repeats 5 2>&1 | tee "$OUT/data.log"
 # 4. Training steps: hlip_fast vs the padded HLIP pipeline, ViT-B, 112x336x336 volumes, bf16.
 timeout 120 python3 train.py --preset ct-rate --repeats 3 2>&1 | tee "$OUT/train.log"
 cd ..
