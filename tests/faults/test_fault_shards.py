@@ -184,19 +184,23 @@ def test_dataloader_workers_report_skips_and_errors_intact(shards, tmp_path):
     assert str(caught.value) == record["reason"] and "Traceback" not in str(caught.value)
 
 
-def test_undecodable_slices_are_named_not_an_unpicklable_lz4_error(tmp_path):
-    """Checksums intact but the LZ4 data invalid (a writer bug): named in the worker, both modes."""
-    writer = ShardWriter(tmp_path / "bad.tar")
-    meta = {
-        "study_id": "s0",
+def study_meta(study_id: str, depth: int) -> dict:
+    """Metadata of a hand-made study: one scan of ``depth`` 8×8 uint8 slices."""
+    scans = [{"shape": [depth, 8, 8]}]
+    return {
+        "study_id": study_id,
         "report": "r.",
         "labels": {},
         "dtype": "uint8",
         "grid": [8, 8],
-        "scans": [{"shape": [2, 8, 8]}],
-        "tokens": 1,
+        "scans": scans,
     }
-    writer.write("study00000000", meta, b"\xff" * 10, np.array([5, 5]))
+
+
+def test_undecodable_slices_are_named_not_an_unpicklable_lz4_error(tmp_path):
+    """Checksums intact but the LZ4 data invalid (a writer bug): named in the worker, both modes."""
+    writer = ShardWriter(tmp_path / "bad.tar")
+    writer.write("study00000000", study_meta("s0", depth=2), b"\xff" * 10, np.array([5, 5]))
     writer.close()
     batching = BatchConfig((1, 8, 8), 300)
     with pytest.raises(
@@ -213,16 +217,7 @@ def test_a_study_key_stored_twice_is_reported_once_and_read_once(tmp_path):
     writer = ShardWriter(tmp_path / "dup.tar")
     blob = lz4.block.compress(bytes(64), store_size=False)
     for key in ("a", "b", "a"):
-        meta = {
-            "study_id": key,
-            "report": "r.",
-            "labels": {},
-            "dtype": "uint8",
-            "grid": [8, 8],
-            "scans": [{"shape": [1, 8, 8]}],
-            "tokens": 1,
-        }
-        writer.write(key, meta, blob, np.array([len(blob)]))
+        writer.write(key, study_meta(key, depth=1), blob, np.array([len(blob)]))
     writer.close()
     errors: list[DataError] = []
     assert [r.key for r in read_shard(tmp_path / "dup.tar", on_damage=errors.append)] == ["a", "b"]
