@@ -107,6 +107,8 @@ def main() -> None:
         "--checksum-repeats", type=int, default=11, help="interleaved passes with and without checksums"
     )
     args = parser.parse_args()
+    if min(args.studies, args.workers + 1, args.repeats, args.checksum_repeats) < 1:
+        parser.error("--studies, --repeats and --checksum-repeats must be >= 1, --workers >= 0")
     config = replace(SIZES["medium"], num_studies=args.studies, seed=1)
     work = Path(tempfile.mkdtemp(prefix="hlip_data_bench_"))
     synthesize(

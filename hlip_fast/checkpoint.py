@@ -26,7 +26,7 @@ from safetensors.torch import load_file, load_model, save_model
 from .clip import ClipConfig, HLIPModel
 from .errors import IntegrityError
 from .files import read_json, write_json
-from .integrity import file_digest
+from .integrity import file_digest, verify_file
 from .models import VisionConfig
 from .models.registry import get_config
 from .text import TextConfig
@@ -187,8 +187,7 @@ def verify_folder(root: Path) -> None:
     for name, expected in read_json(root / CHECKSUMS).items():
         if not (root / name).is_file():
             raise IntegrityError(f"{root / name}: missing from the checkpoint folder")
-        if file_digest(root / name) != expected:
-            raise IntegrityError(f"{root / name}: checksum mismatch: the file is damaged")
+        verify_file(root / name, expected)
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> HLIPModel:

@@ -1,7 +1,11 @@
 """The exceptions that cross module boundaries, so that every command-line tool can turn them
-into one clear message (see :mod:`hlip_fast.boundary`), and how a list of problems reads."""
+into one clear message (see :mod:`hlip_fast.boundary`); the choices for damaged data; and how a
+list of problems reads."""
 
 from __future__ import annotations
+
+ON_ERROR = ("raise", "skip")
+"""What a long job does with a damaged stored study: stop naming it, or skip and count it."""
 
 
 class IntegrityError(ValueError):

@@ -56,6 +56,11 @@ def read_config_file(path: str | os.PathLike) -> Any:
         raise ValueError(f"{where}: invalid YAML: {problem}") from None
 
 
+def os_error_at(error: OSError, path: str | os.PathLike) -> OSError:
+    """``error`` again, naming ``path`` (a write to a full disk raises one that names no file)."""
+    return OSError(error.errno, error.strerror, str(path))
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder (fsync, rename): the
     file is whole or absent. A failed write (full disk) removes the temporary file and raises an
@@ -71,7 +76,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         os.replace(tmp, path)
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from error
+        raise os_error_at(error, path) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hlip_fast.errors import IntegrityError
-from hlip_fast.files import read_json, write_json
+from hlip_fast.files import os_error_at, read_json, write_json
 from hlip_fast.integrity import ALGORITHM, file_digest, verify_file
 
 PATTERN = re.compile(r"step_(\d+)\.pt")
@@ -68,7 +68,7 @@ class Checkpoints:
             cause = error if isinstance(error, OSError) else error.__context__
             if not isinstance(cause, OSError):
                 raise
-            raise OSError(cause.errno, cause.strerror, str(path)) from error
+            raise os_error_at(cause, path) from error
         for old in self.all()[: -self.keep]:
             old.unlink(missing_ok=True)
             self._sum_path(old).unlink(missing_ok=True)

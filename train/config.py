@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hlip_fast.boundary import add_debug_flag
-from hlip_fast.errors import problem_list
+from hlip_fast.errors import ON_ERROR, problem_list
 from hlip_fast.files import read_config_file
 
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp")
 READERS = ("cpu", "nvcomp")
-ON_ERROR = ("raise", "skip")
 FLOAT32_MAX = 3.4028234663852886e38
 RUN_ONLY = frozenset(
     {

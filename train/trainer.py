@@ -255,7 +255,9 @@ class Trainer:
 
     def _check_weights(self) -> None:
         """Stop (nothing saved) when any weight is not finite, on any rank."""
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(_local(p)).all()]
+        params = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(_local(p)).all() for _, p in params]).tolist()  # one sync
+        bad = [name for (name, _), ok in zip(params, finite) if not ok]
         if D.reduce_sum(len(bad), self.dist.device):
             raise TrainingStopped(
                 f"the weights are not finite after step {self.step} "

@@ -169,12 +169,15 @@ class ShardSet:
     def shard_path(self, shard: int) -> Path:
         return self.root / f"shard-{shard:06d}.tar"
 
-    def _studies(self, shard: int) -> range:
+    def studies_of(self, shard: int) -> range:
+        """Positions (in the manifest) of the studies of ``shard``."""
         per = self.config.studies_per_shard
         return range(shard * per, min((shard + 1) * per, len(self.fingerprints)))
 
     def shard_fingerprint(self, shard: int) -> str:
-        return digest(canonical([self.settings_digest, [self.fingerprints[i] for i in self._studies(shard)]]))
+        return digest(
+            canonical([self.settings_digest, [self.fingerprints[i] for i in self.studies_of(shard)]])
+        )
 
     def _side(self, shard: int) -> dict | None:
         """The shard's verified side file (``None`` when absent or damaged)."""
@@ -199,7 +202,7 @@ class ShardSet:
         writer = ShardWriter(self.shard_path(shard))
         studies, skipped_studies, skipped_files = [], [], []
         try:
-            for index, result in zip(self._studies(shard), results):
+            for index, result in zip(self.studies_of(shard), results):
                 skipped_files += result.skipped_files
                 if result.encoded is None:
                     skipped_studies.append({"study_id": result.study_id, "reason": result.reason})
@@ -323,13 +326,13 @@ def write_shards(
     from tqdm.auto import tqdm
 
     pending = [s for s in range(shard_set.num_shards) if not shard_set.is_done(s)]
-    todo = [(s, i) for s in pending for i in shard_set._studies(s)]
+    todo = [(s, i) for s in pending for i in shard_set.studies_of(s)]
     with tqdm(total=len(todo), desc=desc, unit="study", disable=not progress) as bar:
         batch: list[StudyResult] = []
         for (shard, index), result in zip(todo, _in_order(run, [jobs[i] for _, i in todo], workers)):
             batch.append(result)
             bar.update()
-            if index == shard_set._studies(shard)[-1]:
+            if index == shard_set.studies_of(shard)[-1]:
                 shard_set.write(shard, batch)
                 batch = []
     return shard_set.finish()

@@ -18,14 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import DataError
+from ..errors import ON_ERROR, DataError
 from .batching import Batch, TokenBudget, collate
 from .codec import decompress_slices
 from .shards import RawStudy, ShardInfo, read_shard, shard_infos
 from .transforms import ReaderConfig, Study, to_study
 
 log = logging.getLogger(__name__)
-ON_ERROR = ("raise", "skip")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

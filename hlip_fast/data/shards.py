@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, IntegrityError
-from ..files import read_json
+from ..files import os_error_at, read_json
 from ..integrity import digest, verify_checksum
 
 FORMAT = "hlip_fast.shards/2"
@@ -80,7 +80,7 @@ class ShardWriter:
             self._add(f"{key}.sizes", sizes_bytes)
             self._add(f"{key}.sum", member_checksums(meta_bytes, blob, sizes_bytes))
         except OSError as error:  # a full disk: name the shard
-            raise OSError(error.errno, error.strerror, str(self.path)) from error
+            raise os_error_at(error, self.path) from error
 
     def close(self) -> None:
         try:
@@ -89,7 +89,7 @@ class ShardWriter:
                 os.fsync(handle.fileno())
         except OSError as error:
             self.abort()
-            raise OSError(error.errno, error.strerror, str(self.path)) from error
+            raise os_error_at(error, self.path) from error
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

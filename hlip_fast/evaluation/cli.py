@@ -17,6 +17,7 @@ from ..data.batching import Batch
 from ..data.config import PrepareConfig
 from ..data.reader import decoded_studies
 from ..data.sources import open_studies
+from ..errors import ON_ERROR
 from ..files import atomic_write
 from .prompts import builtin_prompt_sets, load_prompts
 from .run import embed_batches, evaluate_embeddings, reader_config, study_batches, to_markdown
@@ -60,7 +61,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
     parser.add_argument(
         "--on-error",
-        choices=["raise", "skip"],
+        choices=ON_ERROR,
         default="raise",
         help="a damaged stored study: stop naming it, or skip it and list it with the results",
     )
