@@ -111,9 +111,7 @@ def main() -> None:
         parser.error("--studies, --repeats and --checksum-repeats must be >= 1, --workers >= 0")
     config = replace(SIZES["medium"], num_studies=args.studies, seed=1)
     work = Path(tempfile.mkdtemp(prefix="hlip_data_bench_"))
-    synthesize(
-        work / "shards", config, PrepareConfig(studies_per_shard=16), workers=args.workers, progress=False
-    )
+    synthesize(work / "shards", config, PrepareConfig(studies_per_shard=16), workers=args.workers)
     (work / "pt").mkdir()
     baseline_files = write_baseline(work / "shards", work / "pt")
     disk = {

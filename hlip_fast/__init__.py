@@ -1,35 +1,33 @@
-"""hlip_fast: fast language-image pre-training on ragged 3D medical studies (after HLIP)."""
+"""hlip_fast: fast language-image pre-training on ragged 3D medical studies (after HLIP).
 
-from .attention import hier_attention, list_backends
-from .checkpoint import convert_hlip_state_dict, load_hlip_checkpoint, load_pretrained, save_pretrained
-from .clip import ClipConfig, HLIPModel, create_clip
-from .layers import HierarchicalAttention
-from .layout import LEVELS, Layout
-from .models import HLIPVisionEncoder, VisionConfig, create_model, list_models
-from .packing import StudyBatch, pack_studies
-from .text import TextConfig, TextTower
+Names load on first use (torch with them), so the command-line tools answer ``--help`` at once.
+"""
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LEVELS",
-    "ClipConfig",
-    "HLIPModel",
-    "HLIPVisionEncoder",
-    "HierarchicalAttention",
-    "Layout",
-    "StudyBatch",
-    "TextConfig",
-    "TextTower",
-    "VisionConfig",
-    "convert_hlip_state_dict",
-    "create_clip",
-    "create_model",
-    "hier_attention",
-    "list_backends",
-    "list_models",
-    "load_hlip_checkpoint",
-    "load_pretrained",
-    "pack_studies",
-    "save_pretrained",
-]
+_EXPORTS = {
+    "hier_attention": ".attention",
+    "list_backends": ".attention",
+    "convert_hlip_state_dict": ".checkpoint",
+    "load_hlip_checkpoint": ".checkpoint",
+    "load_pretrained": ".checkpoint",
+    "save_pretrained": ".checkpoint",
+    "ClipConfig": ".clip",
+    "HLIPModel": ".clip",
+    "create_clip": ".clip",
+    "HierarchicalAttention": ".layers",
+    "LEVELS": ".layout",
+    "Layout": ".layout",
+    "HLIPVisionEncoder": ".models",
+    "VisionConfig": ".models",
+    "create_model": ".models",
+    "list_models": ".models",
+    "StudyBatch": ".packing",
+    "pack_studies": ".packing",
+    "TextConfig": ".text",
+    "TextTower": ".text",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from .clip import ClipConfig, HLIPModel
+from .data.config import HLIP_INPUT_MEAN, HLIP_INPUT_STD
 from .errors import IntegrityError
 from .files import read_json, write_json
 from .integrity import file_digest, verify_file
@@ -34,8 +35,6 @@ from .text import TextConfig
 WEIGHTS, CONFIG, TEXT_DIR, CHECKSUMS = "model.safetensors", "config.json", "text", "checksums.json"
 log = logging.getLogger(__name__)
 FORMAT = "hlip_fast.clip/1"
-# HLIP's input normalisation: ImageNet's mean and std averaged over the RGB channels.
-HLIP_INPUT_MEAN, HLIP_INPUT_STD = 0.449, 0.226
 
 # (original key pattern, hlip_fast name); None drops a key hlip_fast does not use.
 _HLIP_RULES: list[tuple[re.Pattern, str | None]] = [

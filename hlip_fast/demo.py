@@ -8,22 +8,22 @@ Run ``python -m hlip_fast.demo --help`` for options.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from .boundary import command
+from .cli_options import DEVICE_HELP, new_parser, resolve_device
 
-from . import create_model, list_backends, pack_studies
-from .attention import available_backends
-from .boundary import add_debug_flag, command
+if TYPE_CHECKING:
+    import torch
 
 
 def synthetic_studies(
     generator: torch.Generator, num_studies: int, patch: tuple[int, int, int]
 ) -> list[list[torch.Tensor]]:
     """Random studies of 1-4 scans, each with its own depth and in-plane size (patch multiples)."""
+    import torch
 
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=generator))]
@@ -59,19 +59,30 @@ def relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> 
     )
 
 
+def parser() -> argparse.ArgumentParser:
+    parser = new_parser("python -m hlip_fast.demo", __doc__)
+    parser.add_argument(
+        "--model", default="vit_tiny_multiscan_h3", help="encoder config (hlip_fast.list_models())"
+    )
+    parser.add_argument("--studies", type=int, default=4, help="ragged studies in the batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (medians shown)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the studies and weights")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    return parser
+
+
 @command("python -m hlip_fast.demo")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="vit_tiny_multiscan_h3")
-    parser.add_argument("--studies", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    import copy
 
+    import numpy as np
+    import torch
+
+    from . import create_model, list_backends, pack_studies
+    from .attention import available_backends
+
+    args.device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = create_model(args.model).to(args.device).eval()
     studies = synthetic_studies(

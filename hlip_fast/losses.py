@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # all_gather with gradients (not imported by torch.distributed itself)
 import torch.nn.functional as F
 from torch import nn
 

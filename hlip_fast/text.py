@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .console import Console
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -110,11 +112,12 @@ def build_tiny_text_model(
     dropout: float = 0.1,
     mlm_steps: int = 0,
     seed: int = 0,
+    console: Console | None = None,
 ) -> Path:
     """A randomly initialised tiny BERT plus a WordPiece vocabulary of the words of ``texts``
     (split by tokenizers' BERT normaliser and pre-tokeniser), saved as a normal local model
     folder (for tests, the demo and runs without a pretrained model). ``mlm_steps`` > 0 warms it
-    up with masked-language modelling on ``texts``. Same texts, same folder."""
+    up with masked-language modelling on ``texts`` (a bar on ``console``). Same texts, same folder."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -156,12 +159,15 @@ def build_tiny_text_model(
     )
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
         torch.manual_seed(seed)
-        model = BertModel(config) if not mlm_steps else _pretrain_mlm(config, tokenizer, texts, mlm_steps)
+        if mlm_steps:
+            model = _pretrain_mlm(config, tokenizer, texts, mlm_steps, console or Console.silent())
+        else:
+            model = BertModel(config)
         model.save_pretrained(out)
     return out
 
 
-def _pretrain_mlm(config, tokenizer, texts: list[str], steps: int, batch_size: int = 32):
+def _pretrain_mlm(config, tokenizer, texts: list[str], steps: int, console: Console, batch_size: int = 32):
     """A few steps of masked-language modelling on ``texts`` (a domain warm start, as
     BiomedBERT is for HLIP); returns the encoder without its MLM head."""
     from transformers import BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
@@ -171,12 +177,16 @@ def _pretrain_mlm(config, tokenizer, texts: list[str], steps: int, batch_size: i
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     encoded = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
     order = torch.randperm(len(encoded))
+    bar = console.progress(steps, "text MLM warm-up", "steps")
     for step in range(steps):
         picks = order[(torch.arange(batch_size) + step * batch_size) % len(encoded)]
         batch = collate([{"input_ids": encoded[i]} for i in picks.tolist()])
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        bar.update(1, loss=f"{loss.item():.3f}")
+    bar.close()
     encoder = BertModel(config)  # with the (unused) pooler, so that it reloads without warnings
     encoder.load_state_dict(model.bert.state_dict(), strict=False)
     return encoder

@@ -6,7 +6,7 @@
 # and it is the only pair whose torchvision (which timm imports) works here. An unpinned torch
 # would download several GB instead.
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"  # -P: through symlinks to the real checkout
 venv="${HLIP_FAST_VENV:-$repo/.venv}"
 extras="${1:-}"
 if [ ! -x "$venv/bin/python" ]; then

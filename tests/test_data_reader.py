@@ -24,7 +24,7 @@ PATCH = (4, 8, 8)
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     config = replace(SIZES["tiny"], num_studies=14, max_scans=4)
-    synthesize(root, config, PrepareConfig(studies_per_shard=4), progress=False)
+    synthesize(root, config, PrepareConfig(studies_per_shard=4))
     return root
 
 

@@ -149,7 +149,7 @@ def test_classifier_averages_templates_and_softmaxes_pairs(seed):
 def raw_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
     config = replace(SIZES["tiny"], num_studies=6, modality="MR", max_scans=2, depth_range=(8, 12))
-    manifest = write_raw(root, config, progress=False)
+    manifest = write_raw(root, config)
     return root, manifest
 
 
@@ -167,7 +167,7 @@ def read_embeddings(path):
 def test_hlip_eval_writes_json_and_markdown(raw_corpus, saved_model, tmp_path, capsys):
     root, manifest = raw_corpus
     shards = tmp_path / "shards"
-    prepare(manifest, shards, PrepareConfig(grid=(32, 32), default_modality="MR"), progress=False)
+    prepare(manifest, shards, PrepareConfig(grid=(32, 32), default_modality="MR"))
     out = tmp_path / "eval"
     args = [str(shards), "--model", str(saved_model), "--prompts", "synth_mr", "--out", str(out), "--quiet"]
     assert eval_main(args) == 0
@@ -177,7 +177,12 @@ def test_hlip_eval_writes_json_and_markdown(raw_corpus, saved_model, tmp_path, c
     assert results["retrieval"]["study_to_text"]["R@10"] == 1.0  # 6 studies: every report is in the top 10
     zero_shot = results["zeroshot"]["synth_mr"]
     assert set(zero_shot["per_finding"]) == {"mass", "hemorrhage", "infarct"}
-    assert "| **macro** |" in (out / "results.md").read_text() and "synth_mr" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "| **macro** |" in (out / "results.md").read_text() and "synth_mr" in out_text
+    assert not out_text.startswith("[hlip-eval]")  # --quiet: the result only
+    assert eval_main([*args[:-1], "--no-progress"]) == 0  # args[-1] is --quiet
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[hlip-eval] embed:")]
+    assert lines and lines[-1].startswith("[hlip-eval] embed: 6/6 studies")  # a progress total
     assert (
         eval_main([str(shards), "--model", str(saved_model), "--prompts", "synth_ct", "--out", str(out)]) == 2
     )
@@ -187,7 +192,7 @@ def test_hlip_eval_writes_json_and_markdown(raw_corpus, saved_model, tmp_path, c
 def test_hlip_embed_same_from_shards_manifest_and_folder(raw_corpus, saved_model, tmp_path):
     root, manifest = raw_corpus
     shards = tmp_path / "shards"
-    prepare(manifest, shards, PrepareConfig(grid=(32, 32), default_modality="MR"), progress=False)
+    prepare(manifest, shards, PrepareConfig(grid=(32, 32), default_modality="MR"))
     bad = root / "zz_broken"
     bad.mkdir(exist_ok=True)
     (bad / "scan.nii.gz").write_bytes(b"not a nifti file")

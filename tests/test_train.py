@@ -30,6 +30,8 @@ from hlip_fast.data.synth import SIZES
 from hlip_fast.text import build_tiny_text_model
 
 TINY = ["--model", "vit_tiny_multiscan_h2", "--embed-dim", "32", "--max-tokens", "1024", "--workers", "0"]
+# a text tower that can learn (tiny, trained) and a warm-up that fits the short runs here
+TINY += ["--text-model", "tiny", "--no-lock-text", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,8 @@ def corpus(tmp_path_factory):
         depth_range=(8, 12),
         finding_scale=3.0,
     )
-    synthesize(root / "train", config, progress=False)
-    synthesize(root / "val", replace(config, num_studies=12, seed=7, prefix="val"), progress=False)
+    synthesize(root / "train", config)
+    synthesize(root / "val", replace(config, num_studies=12, seed=7, prefix="val"))
     return root
 
 
@@ -86,9 +88,75 @@ def test_config_errors_before_any_work(corpus, tmp_path, capsys):
         load_config(["--config", str(config_file)])
     config_file.write_text(
         f"train_data: {corpus / 'train'}\nlr: 0.1\nprompts: [synth_mr]\nval_data: {corpus / 'val'}\n"
+        "text_model: tiny\n"
     )
     cfg = load_config(["--config", str(config_file), "--lr", "0.02", "--no-lock-text", "--steps", "none"])
     assert (cfg.lr, cfg.lock_text, cfg.prompts, cfg.steps) == (0.02, False, ["synth_mr"], None)
+
+
+def test_recipes_fill_in_and_explicit_settings_win(corpus, tmp_path, tiny_text):
+    train = ["--train-data", str(corpus / "train")]
+    cfg = load_config(["--recipe", "scratch-tiny", *train, "--lr", "1e-3"])
+    assert (cfg.recipe, cfg.model, cfg.text_model, cfg.lock_text, cfg.vision_pooling) == (
+        "scratch-tiny",
+        "vit_tiny_multiscan_h2",
+        "tiny",
+        False,
+        "avg",
+    )
+    assert (cfg.lr, cfg.wd, cfg.text_mlm_steps) == (
+        1e-3,
+        0.05,
+        400,
+    )  # the flag wins, the rest is the recipe's
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"recipe: scratch-tiny\ntrain_data: {corpus / 'train'}\nwd: 0.1\n")
+    cfg = load_config(["--config", str(config_file), "--embed-dim", "16"])
+    assert (cfg.recipe, cfg.wd, cfg.embed_dim, cfg.lr) == ("scratch-tiny", 0.1, 16, 2e-3)
+    with pytest.raises(ValueError, match=r"recipe hlip-ct-rate needs: text_model \(a local folder"):
+        load_config(["--recipe", "hlip-ct-rate", *train])
+    cfg = load_config(["--recipe", "hlip-ct-rate", *train, "--text-model", tiny_text[0]])
+    assert (cfg.model, cfg.lr, cfg.wd, cfg.warmup, cfg.drop_path_rate, cfg.lock_text) == (
+        "vit_base_singlescan_h2_token2744",
+        1e-5,
+        0.2,
+        377,
+        0.2,
+        True,
+    )
+    assert (
+        load_config(["--recipe", "hlip-brain-mri", *train, "--text-model", tiny_text[0]]).max_tokens == 16384
+    )
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        load_config(["--recipe", "nope", *train, "--text-model", "tiny", "--no-lock-text"])
+
+
+def test_runs_that_cannot_learn_are_refused_or_warned(corpus, tmp_path, tiny_text, capsys, caplog):
+    train = ["--train-data", str(corpus / "train")]
+    with pytest.raises(ValueError, match="text_model is required"):
+        load_config(train)
+    with pytest.raises(
+        ValueError, match=r"locked text tower .* \(text_model tiny with no --text-mlm-steps\)"
+    ):
+        load_config([*train, "--text-model", "tiny"])
+    no_weights = tmp_path / "bert_config_only"
+    no_weights.mkdir()
+    for path in Path(tiny_text[0]).iterdir():
+        if path.suffix != ".safetensors":
+            (no_weights / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="holds no weights"):
+        load_config([*train, "--text-model", str(no_weights)])
+    assert load_config([*train, "--text-model", str(no_weights), "--no-lock-text"]).text_model
+    assert load_config([*train, "--text-model", "tiny", "--text-mlm-steps", "10"]).lock_text  # warmed up
+    assert load_config([*train, "--text-model", tiny_text[0]]).warnings() == []  # HLIP's setting
+    assert (
+        "vision_pooling token from scratch"
+        in load_config([*train, "--text-model", "tiny", "--no-lock-text"]).warnings()[0]
+    )
+    args = run_args(corpus, tmp_path, "--steps", "5", "--warmup", "6", "--vision-pooling", "avg")
+    assert train_main(args) == 2
+    assert "warmup 6 is longer than the run (5 steps)" in capsys.readouterr().err
+    assert not (tmp_path / "hlip").exists()
 
 
 def metrics(run: Path) -> list[dict]:
@@ -98,8 +166,8 @@ def metrics(run: Path) -> list[dict]:
 def test_short_run_loss_falls_and_exports(corpus, tmp_path):
     logs = tmp_path / "logs"
     flags = shlex.split(
-        "--name short --steps 40 --lr 2e-3 --warmup 4 --max-studies 8 --no-lock-text --vision-pooling avg "
-        "--text-mlm-steps 100 --text-pooling mean --input-mean 0.449 --input-std 0.226 --log-every 1 "
+        "--recipe scratch-tiny --name short --steps 40 --warmup 4 --max-studies 8 --text-mlm-steps 100 "
+        "--log-every 1 "
         "--prompts synth_ct "
         "--zeroshot-every 20 --save-every 20 --keep 1"
     )
@@ -117,7 +185,8 @@ def test_short_run_loss_falls_and_exports(corpus, tmp_path):
         "step_00000040.pt",
         "step_00000040.pt.sum",
     ]
-    assert json.loads((run / "config.json").read_text())["lr"] == 2e-3
+    config = json.loads((run / "config.json").read_text())
+    assert (config["recipe"], config["lr"], config["text_mlm_steps"]) == ("scratch-tiny", 2e-3, 100)
     from hlip_fast import load_pretrained
 
     model = load_pretrained(run / "final")
@@ -333,3 +402,26 @@ def test_accumulation_equals_the_whole_batch(corpus, tmp_path):
         weights[accum] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for key, value in weights[1].items():
         torch.testing.assert_close(weights[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_output_is_one_line_per_phase_plain_lines_or_quiet(corpus, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process: the trainer must turn them off itself
+    common = run_args(corpus, tmp_path, "--steps", "4", "--log-every", "2", "--text-mlm-steps", "3")
+    assert train_main([*common, "--name", "plain", "--vision-pooling", "avg"]) == 0  # --no-progress
+    out, err = capsys.readouterr()
+    for phase in (
+        "[hlip-train] building a tiny text model from the training reports",
+        "[hlip-train] text MLM warm-up: 3/3 steps",
+        "[hlip-train] waiting for the first batch",
+        "[hlip-train] first step done in",
+    ):
+        assert phase in out, phase
+    trained = [line.split()[2] for line in out.splitlines() if line.startswith("[hlip-train] train: ")]
+    assert trained == ["2/4", "4/4"]  # a plain line every --log-every steps
+    assert "Loading weights" not in err and "Writing model shards" not in err and "%|" not in err
+    hf_logging.enable_progress_bar()
+    assert train_main([*common, "--name", "quiet", "--vision-pooling", "avg", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and out.startswith("hlip-train: {") and err == ""

@@ -1,6 +1,14 @@
 """The lean distributed trainer, installed as ``hlip_fast.train`` (console script ``hlip-train``)."""
 
-from .config import TrainConfig, load_config
-from .trainer import Trainer, TrainingStopped, main
+from hlip_fast._lazy import lazy_exports
 
-__all__ = ["TrainConfig", "Trainer", "TrainingStopped", "load_config", "main"]
+_EXPORTS = {
+    "TrainConfig": ".config",
+    "load_config": ".config",
+    "RECIPES": ".recipes",
+    "Trainer": ".trainer",
+    "TrainingStopped": ".trainer",
+    "main": ".cli",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,12 +11,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hlip_fast.boundary import add_debug_flag
+from hlip_fast.cli_options import DEVICE_HELP, PRECISION_HELP, PRECISIONS, new_parser
 from hlip_fast.errors import ON_ERROR, problem_list
 from hlip_fast.files import read_config_file
 
-PRECISIONS = ("auto", "fp32", "amp_bf16", "amp")
+from .recipes import RECIPES, describe_recipes
+
 READERS = ("cpu", "nvcomp")
+POOLING = ("token", "avg")
+TEXT_POOLING = ("cls", "mean")
 FLOAT32_MAX = 3.4028234663852886e38
 RUN_ONLY = frozenset(
     {
@@ -25,6 +28,7 @@ RUN_ONLY = frozenset(
         "resume",
         "resume_override",
         "progress",
+        "quiet",
         "log_every",
         "save_every",
         "keep",
@@ -55,70 +59,89 @@ FIXED = frozenset(
 """Fields a resumed run can never change: they shape the model and its optimizer state."""
 
 
+def knob(default, help: str, choices: tuple | None = None):
+    """A :class:`TrainConfig` field with its one-line help (and allowed values) for ``--help``."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of a run; the resolved config is saved as ``config.json`` in the run folder."""
+    """Every knob of a run; the resolved config is saved as ``config.json`` in the run folder.
+    The defaults are HLIP's optimisation settings; ``recipe`` fills in a whole published setup."""
 
+    recipe: str = knob("", "named settings to start from (explicit flags and --config override them)")
     # data
-    train_data: str = ""
-    val_data: str = ""
-    prompts: list[str] = field(default_factory=list)
-    max_tokens: int = 16384
-    max_studies: int | None = None
-    max_scans: int | None = None
-    jitter: float = 0.0
-    workers: int = 2
-    reader: str = "cpu"
+    train_data: str = knob("", "prepared shard folder to train on (hlip-prepare or hlip-synth output)")
+    val_data: str = knob(
+        "", "prepared shard folder of held-out studies with labels, for zero-shot evaluation"
+    )
+    prompts: list[str] = knob([], "prompt sets for zero-shot evaluation: YAML/JSON files or built-in names")
+    max_tokens: int = knob(16384, "patch tokens per batch: whole ragged studies are packed up to this budget")
+    max_studies: int | None = knob(None, "at most this many studies per batch (none: only the token budget)")
+    max_scans: int | None = knob(None, "at most this many scans per study (none: the model's position table)")
+    jitter: float = knob(0.0, "random intensity scale 1 ± jitter per scan while training")
+    workers: int = knob(2, "DataLoader worker processes per rank (0: read in the main process)")
+    reader: str = knob("cpu", "decode on the CPU (workers) or on the GPU with nvCOMP", READERS)
     # model
-    model: str = "vit_base_multiscan_h2_token1176"
-    text_model: str = "tiny"
-    text_mlm_steps: int = 0
-    embed_dim: int = 512
-    pretrained: str = ""
-    vision_pooling: str = "token"
-    text_pooling: str = "cls"
-    siglip: bool = False
-    lock_text: bool = True
-    lock_text_unlocked_layers: int = 0
-    force_patch_dropout: float = 0.0
-    drop_path_rate: float = 0.0
-    grad_checkpointing: bool = False
-    torchcompile: bool = False
-    attn_backend: str = "auto"
-    input_mean: float = 0.0
-    input_std: float = 1.0
+    model: str = knob("vit_base_multiscan_h2_token1176", "vision encoder config (hlip_fast.list_models())")
+    text_model: str = knob(
+        "", "local folder of a pretrained BERT-family model, or 'tiny' to build one from the training reports"
+    )
+    text_mlm_steps: int = knob(0, "with text_model tiny: masked-language-model warm-up steps on the reports")
+    embed_dim: int = knob(512, "width of the shared study/report embedding space")
+    pretrained: str = knob("", "hlip_fast model folder to start from (weights only)")
+    vision_pooling: str = knob(
+        "token", "study embedding: the class token, or the mean of the tokens", POOLING
+    )
+    text_pooling: str = knob("cls", "report embedding: the CLS token, or the masked mean", TEXT_POOLING)
+    siglip: bool = knob(False, "sigmoid loss (SigLIP) instead of the softmax CLIP loss")
+    lock_text: bool = knob(True, "freeze the text encoder except its LayerNorms (HLIP locks it)")
+    lock_text_unlocked_layers: int = knob(0, "with lock_text: also train the last N text layers")
+    force_patch_dropout: float = knob(0.0, "drop this share of each slice's patches while training")
+    drop_path_rate: float = knob(0.0, "stochastic depth of the vision blocks")
+    grad_checkpointing: bool = knob(False, "recompute the vision blocks in the backward pass (less memory)")
+    torchcompile: bool = knob(False, "torch.compile the vision blocks")
+    attn_backend: str = knob("auto", "attention backend (hlip_fast.list_backends()), or auto")
+    input_mean: float = knob(0.0, "input normalisation: (voxel - mean) / std on the stored [0, 1] range")
+    input_std: float = knob(1.0, "input normalisation: (voxel - mean) / std on the stored [0, 1] range")
     # optimisation (HLIP's defaults: AdamW, lr 1e-5, wd 0.2, cosine with warm-up)
-    lr: float = 1e-5
-    wd: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup: int = 377
-    epochs: int = 20
-    steps: int | None = None
-    accum_freq: int = 1
-    grad_clip_norm: float | None = 1.0
-    precision: str = "auto"
-    local_loss: bool = False
-    gather_with_grad: bool = False
-    fsdp: bool = False
+    lr: float = knob(1e-5, "peak learning rate (AdamW), reached after the warm-up")
+    wd: float = knob(0.2, "AdamW weight decay (not on gains, biases, temperature)")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.98, "AdamW beta2")
+    eps: float = knob(1e-6, "AdamW epsilon")
+    warmup: int = knob(377, "linear warm-up steps, then a cosine decay to the last step")
+    epochs: int = knob(20, "passes over train_data (unless steps is set)")
+    steps: int | None = knob(None, "run length in steps (none: epochs × the steps of an epoch)")
+    accum_freq: int = knob(1, "batches per optimiser step (features cached, the loss sees every pair)")
+    grad_clip_norm: float | None = knob(1.0, "clip the gradient norm to this (none: no clipping)")
+    precision: str = knob("auto", PRECISION_HELP, PRECISIONS)
+    local_loss: bool = knob(False, "each rank scores its own studies against all reports (open_clip)")
+    gather_with_grad: bool = knob(False, "gather features across ranks with their gradients (open_clip)")
+    fsdp: bool = knob(False, "shard the model with FSDP2 instead of DDP")
     # run, checkpoints, logging
-    logs: str = "logs"
-    name: str = ""
-    seed: int = 0
-    resume: str = ""
-    save_every: int = 500
-    keep: int = 3
-    log_every: int = 10
-    zeroshot_every: int = 0
-    report_to: str = ""
-    peak_tflops: float | None = None
-    max_nonfinite: int = 10
-    on_error: str = "raise"
-    max_skipped: float = 0.01
-    resume_override: list[str] = field(default_factory=list)
-    progress: bool = True
-    device: str = ""
+    logs: str = knob("logs", "folder of the run folders")
+    name: str = knob("", "run folder name under logs (default: hlip-DATE-TIME)")
+    seed: int = knob(0, "seed of weights, data order and augmentation")
+    resume: str = knob("", "'latest' or a checkpoint path: continue that run exactly")
+    save_every: int = knob(500, "checkpoint every N steps (and at the end)")
+    keep: int = knob(3, "checkpoints kept")
+    log_every: int = knob(10, "metrics.jsonl row (and, with --no-progress, a line) every N steps")
+    zeroshot_every: int = knob(0, "zero-shot evaluation on val_data every N steps and at the end (0: never)")
+    report_to: str = knob("", "also log to TensorBoard", ("", "tensorboard"))
+    peak_tflops: float | None = knob(None, "the device's peak TFLOP/s for MFU (none: known GPUs only)")
+    max_nonfinite: int = knob(10, "stop after this many non-finite steps in a row")
+    on_error: str = knob("raise", "a damaged training study: stop naming it, or skip and count it", ON_ERROR)
+    max_skipped: float = knob(
+        0.01, "stop past this many skipped studies: a fraction of train_data, or a count"
+    )
+    resume_override: list[str] = knob([], "with resume: fields whose new values replace the checkpoint's")
+    progress: bool = knob(True, "a progress bar (--no-progress: a plain line every log_every steps)")
+    quiet: bool = knob(False, "print only warnings, errors and the result (third-party output too)")
+    device: str = knob("auto", DEVICE_HELP)
 
     def check(self) -> None:
         """Raise ``ValueError`` listing every problem (paths, ranges, choices)."""
@@ -141,18 +164,29 @@ class TrainConfig:
                 problems.append(str(error))
         if self.model not in list_models():
             problems.append(f"unknown model {self.model!r}; available: {list_models()}")
-        if self.text_model != "tiny" and not Path(self.text_model).is_dir():
+        if not self.text_model:
+            problems.append(
+                "text_model is required: a local folder with a pretrained BERT-family model (as HLIP "
+                "uses), or 'tiny' to build one from the training reports; or start from a recipe "
+                f"(--recipe {' | '.join(RECIPES)})"
+            )
+        elif self.text_model != "tiny" and not Path(self.text_model).is_dir():
             problems.append(f"text_model {self.text_model!r}: not a local folder (or 'tiny' to build one)")
+        elif self.lock_text and self.text_tower_from_scratch():
+            problems.append(
+                f"a locked text tower (lock_text) that starts from random weights ({self._text_origin()}) "
+                "never learns: every report gets a near-identical embedding and the loss stays at "
+                "ln(batch). Train it (--no-lock-text), warm it up (--text-mlm-steps N with text_model "
+                "tiny), give a pretrained model (--text-model FOLDER), or use --recipe scratch-tiny"
+            )
+        if self.recipe and self.recipe not in RECIPES:
+            problems.append(f"unknown recipe {self.recipe!r}; available: {list(RECIPES)}")
         if self.pretrained and not Path(self.pretrained).exists():
             problems.append(f"pretrained {self.pretrained!r} does not exist")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision {self.precision!r} not in {PRECISIONS}")
-        if self.vision_pooling not in ("token", "avg") or self.text_pooling not in ("cls", "mean"):
-            problems.append("vision_pooling must be token or avg, text_pooling cls or mean")
-        if self.reader not in READERS:
-            problems.append(f"reader {self.reader!r} not in {READERS}")
-        if self.report_to not in ("", "tensorboard"):
-            problems.append(f"report_to {self.report_to!r}: '' or 'tensorboard'")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name} {getattr(self, f.name)!r} not in {choices}")
         positive = (
             "max_tokens",
             "embed_dim",
@@ -187,8 +221,6 @@ class TrainConfig:
         if self.zeroshot_every and self.fsdp:
             problems.append("zero-shot evaluation during training runs on rank 0 only; not with --fsdp")
         problems += self._number_problems()
-        if self.on_error not in ON_ERROR:
-            problems.append(f"on_error {self.on_error!r} not in {ON_ERROR}")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown := sorted(set(self.resume_override) - known):
             problems.append(f"resume_override names unknown field(s) {unknown}")
@@ -234,6 +266,30 @@ class TrainConfig:
             )
         return problems
 
+    def text_tower_from_scratch(self) -> bool:
+        """Whether the text encoder starts from random weights: ``tiny`` without a
+        masked-language-model warm-up, or a folder with a config but no weights."""
+        if self.text_model == "tiny":
+            return self.text_mlm_steps == 0
+        folder = Path(self.text_model)
+        return not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin"))
+
+    def _text_origin(self) -> str:
+        if self.text_model == "tiny":
+            return "text_model tiny with no --text-mlm-steps"
+        return f"{self.text_model} holds no weights"
+
+    def warnings(self) -> list[str]:
+        """Settings that can train but are likely not what was meant; printed before a run."""
+        found = []
+        if self.vision_pooling == "token" and not self.pretrained and self.text_model == "tiny":
+            found.append(
+                "vision_pooling token from scratch with a text tower from scratch: the class token "
+                "carries nothing at first and both towers start blind, so the loss can stay at "
+                "ln(batch) for a long time; --vision-pooling avg learns from the first step"
+            )
+        return found
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -277,30 +333,50 @@ def _typed(name: str, value, where: str):
     raise ValueError(f"{where}: {name} must be {wanted}{' or null' if optional else ''}, got {value!r}")
 
 
+def _flag_help(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    kind = _field_type(f)
+    if kind is bool:
+        shown = "on" if default else "off"
+    elif default is None:
+        shown = "none"
+    elif default in ("", []):
+        shown = "unset"
+    else:
+        shown = " ".join(default) if isinstance(default, list) else str(default)
+    return f"{f.metadata['help']} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from :class:`TrainConfig` (``--lr``, ``--grad-checkpointing`` /
-    ``--no-grad-checkpointing``, ...), plus ``--config FILE`` and ``--debug``."""
-    parser = argparse.ArgumentParser(
-        "hlip-train", description="Contrastive pre-training of a hierarchical 3D CLIP (HLIP)."
+    ``--no-grad-checkpointing``, ...), each with its help, default and choices, plus
+    ``--config FILE`` and ``--debug``."""
+    parser = new_parser(
+        "hlip-train",
+        "Contrastive pre-training of a hierarchical 3D CLIP (HLIP) on prepared shards.\n"
+        "Settings: defaults <- --recipe <- --config FILE <- flags. Recipes:\n" + describe_recipes(),
     )
     parser.add_argument(
-        "--config", type=Path, help="YAML or JSON file of TrainConfig fields; flags override it"
+        "--config", type=Path, help="YAML or JSON file of the fields below (snake_case); flags override it"
     )
-    add_debug_flag(parser)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
+        kind, choices = _field_type(f), f.metadata["choices"]
+        common = {"default": None, "help": _flag_help(f)}
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="*", default=None)
-        else:
-            parser.add_argument(flag, type=_parse_optional(kind), default=None)
+            parser.add_argument(flag, nargs="*", **common)
+        else:  # choices are shown here and checked by TrainConfig.check, with every other problem
+            choices = list(RECIPES) if f.name == "recipe" else choices
+            metavar = "{" + ",".join(choices) + "}" if choices else None
+            parser.add_argument(flag, type=_parse_optional(kind), metavar=metavar, **common)
     return parser
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults ← ``--config`` file ← flags; unknown file keys are an error."""
+    """Defaults ← the recipe (``--recipe``, or ``recipe`` in the file) ← ``--config`` file ← flags;
+    unknown file keys are an error, as is a field a recipe needs that nothing gives."""
     args = vars(build_parser().parse_args(argv))
     args.pop("debug")
     values: dict = {}
@@ -315,6 +391,11 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
             raise ValueError(f"{config_file}: unknown keys {unknown}")
         values = {k: _typed(k, v, str(config_file)) for k, v in values.items()}
     values.update({k: v for k, v in args.items() if v is not None})
+    recipe = RECIPES.get(values.get("recipe", ""))
+    if recipe is not None:
+        if missing := [f"{k} ({why})" for k, why in recipe.needs.items() if not values.get(k)]:
+            raise ValueError(f"recipe {values['recipe']} needs: {'; '.join(missing)}")
+        values = {**recipe.values, **values}
     config = TrainConfig(**values)
     config.check()
     return config

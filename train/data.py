@@ -124,4 +124,10 @@ def plan_problems(
             f"a step would hold about {per_step:.1f} studies; the contrastive loss needs at least 2 "
             "(with 1 it is 0 and nothing is learned): raise --max-tokens or --max-studies, or --accum-freq"
         )
+    steps = cfg.steps or cfg.epochs * plan.steps_per_rank(world_size, cfg.accum_freq)
+    if cfg.warmup > steps:
+        problems.append(
+            f"warmup {cfg.warmup} is longer than the run ({steps} steps): the learning rate would never "
+            f"reach --lr {cfg.lr:g}; lower --warmup (e.g. {max(1, steps // 20)}) or run longer"
+        )
     return problems

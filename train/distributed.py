@@ -10,6 +10,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from hlip_fast.cli_options import resolve_device
+
 T = TypeVar("T")
 
 
@@ -24,13 +26,14 @@ class Dist:
         return self.rank == 0
 
 
-def setup(device: str = "") -> Dist:
-    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, gloo on the CPU)."""
+def setup(device: str = "auto") -> Dist:
+    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, gloo on the CPU);
+    ``auto`` is this rank's GPU when there is one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not device:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
+    target = resolve_device(device)
+    if device in ("", "auto") and target.type == "cuda":
+        target = torch.device("cuda", local_rank)
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():

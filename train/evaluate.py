@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hlip_fast.console import Console
 from hlip_fast.data.reader import RawStudies, decoded_studies
+from hlip_fast.data.shards import read_index
 from hlip_fast.evaluation import (
     ZeroShotClassifier,
     embed_batches,
@@ -21,9 +23,10 @@ from .distributed import Dist, barrier
 
 
 class ZeroShotEval:
-    def __init__(self, cfg: TrainConfig, model):
-        self.cfg, self.model = cfg, model
+    def __init__(self, cfg: TrainConfig, model, console: Console):
+        self.cfg, self.model, self.console = cfg, model, console
         self.prompt_sets = [load_prompts(p) for p in cfg.prompts]
+        self.studies = read_index(cfg.val_data)["num_studies"]
 
     def run(self, step: int, run_dir: Path, dist: Dist) -> dict:
         """Scores on the main rank (the others wait); writes ``eval/step_N.{json,md}``; returns
@@ -35,8 +38,13 @@ class ZeroShotEval:
             classifiers = [ZeroShotClassifier.build(model.eval(), p) for p in self.prompt_sets]
             raws = RawStudies(cfg.val_data, train=False, rank=0, world_size=1, on_error=cfg.on_error)
             studies = decoded_studies(raws, reader_config(model), False, 0, on_damage=raws.damaged)
+            self.console.say(f"zero-shot evaluation at step {step} on {self.studies} held-out studies")
             embeddings = embed_batches(
-                model, study_batches(model, studies, cfg.max_tokens), device=dist.device, progress=False
+                model,
+                study_batches(model, studies, cfg.max_tokens),
+                device=dist.device,
+                console=self.console,
+                total=self.studies,
             )
             results = evaluate_embeddings(embeddings, classifiers, model.logit_scale.exp().item())
             results["skipped"] = raws.skipped

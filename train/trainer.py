@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
-from hlip_fast.boundary import command
 from hlip_fast.checkpoint import save_pretrained
+from hlip_fast.cli_options import autocast_dtype
 from hlip_fast.clip import HLIPModel, create_clip
+from hlip_fast.console import Console
 from hlip_fast.data.batching import Batch
 from hlip_fast.data.reader import RawStudies
 from hlip_fast.errors import RunStopped, problem_list
@@ -70,25 +70,23 @@ def _full(param: torch.Tensor) -> torch.Tensor:
     return param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "amp_bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "amp_bf16": torch.bfloat16, "amp": torch.float16}[precision]
-
-
-def _build_text_model(cfg: TrainConfig, run_dir: Path, dist: D.Dist) -> str:
+def _build_text_model(cfg: TrainConfig, run_dir: Path, dist: D.Dist, console: Console) -> str:
     """``text_model`` or, for ``tiny``, a tiny BERT whose vocabulary comes from the training
     reports (warmed up by ``text_mlm_steps`` of masked-language modelling on them), built once
     per run (rank 0) in ``run_dir/text_model``."""
     if cfg.text_model != "tiny":
+        console.say(f"loading the text model from {cfg.text_model}")
         return cfg.text_model
     folder = run_dir / "text_model"
 
     def build() -> None:
-        if not (folder / "config.json").is_file():
-            studies = RawStudies(cfg.train_data, rank=0, world_size=1, on_error=cfg.on_error)
-            reports = [s.meta["report"] for s in studies]
-            build_tiny_text_model(folder, reports, mlm_steps=cfg.text_mlm_steps, seed=cfg.seed)
+        if (folder / "config.json").is_file():
+            console.say(f"text model: {folder} (built earlier in this run)")
+            return
+        console.say(f"building a tiny text model from the training reports in {folder}")
+        studies = RawStudies(cfg.train_data, rank=0, world_size=1, on_error=cfg.on_error)
+        reports = [s.meta["report"] for s in studies]
+        build_tiny_text_model(folder, reports, mlm_steps=cfg.text_mlm_steps, seed=cfg.seed, console=console)
 
     D.on_main(build)
     return str(folder)
@@ -131,8 +129,9 @@ class Trainer:
     """One run: checks the data plan, locks the run folder (released by :meth:`close` or on
     leaving a ``with`` block), resumes when asked, builds model, optimiser and schedule."""
 
-    def __init__(self, cfg: TrainConfig, dist: D.Dist):
+    def __init__(self, cfg: TrainConfig, dist: D.Dist, console: Console | None = None):
         self.cfg, self.dist = cfg, dist
+        self.console = console or Console.silent()
         vision = get_config(cfg.model)
         self.plan = plan_epoch(cfg, vision.patch_size, cfg.max_scans or vision.max_num_scans)
         if problems := plan_problems(cfg, self.plan, vision.patch_size, dist.world_size):
@@ -155,12 +154,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self._build_model()
         self.net = self._wrap(self.model)  # before the optimizer: FSDP2 replaces the parameters
-        self.dtype = _autocast_dtype(cfg.precision, dist.device)
+        self.dtype = autocast_dtype(cfg.precision, dist.device.type)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
         )
         self.steps_per_epoch = self.plan.steps_per_rank(dist.world_size, cfg.accum_freq)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
+        self.console.say(
+            f"{self.plan.studies} training studies, about {self.steps_per_epoch} steps per epoch and rank; "
+            f"{self.total_steps} steps on {dist.world_size} rank(s), {dist.device}"
+        )
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.dtype == torch.float16)
         self.loss = SigLipLoss() if cfg.siglip else ClipLoss(cfg.local_loss, cfg.gather_with_grad)
@@ -171,7 +174,7 @@ class Trainer:
         limit = cfg.max_skipped
         self.max_skipped = int(limit) if limit >= 1 else math.floor(limit * self.plan.studies)
         self.peak = cfg.peak_tflops or peak_tflops(dist.device)
-        self.evaluator = ZeroShotEval(cfg, self.model) if cfg.prompts else None
+        self.evaluator = ZeroShotEval(cfg, self.model, self.console) if cfg.prompts else None
         self.stop_signal: str | None = None
         torch.manual_seed(cfg.seed + 1000 * dist.rank)  # per-rank randomness from here on
         if resumed is not None:
@@ -193,7 +196,7 @@ class Trainer:
     def _build_model(self) -> HLIPModel:
         cfg = self.cfg
         text = TextConfig(
-            _build_text_model(cfg, self.run_dir, self.dist),
+            _build_text_model(cfg, self.run_dir, self.dist, self.console),
             pooling=cfg.text_pooling,
             lock=cfg.lock_text,
             unlocked_layers=cfg.lock_text_unlocked_layers,
@@ -516,13 +519,10 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         metrics = MetricsLog(self.run_dir, cfg.report_to, enabled=dist.main)
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not (dist.main and cfg.progress),
+        bar = self.console.progress(
+            self.total_steps, "train", "steps", every=cfg.log_every, initial=self.step
         )
+        self.console.say(f"waiting for the first batch ({cfg.workers} DataLoader worker(s) per rank)")
         data = self.batches()
         streak, last = 0, {}
         try:
@@ -543,6 +543,8 @@ class Trainer:
                 if dist.device.type == "cuda":
                     torch.cuda.synchronize(dist.device)
                 done = time.perf_counter()
+                if not last:
+                    self.console.say(f"first step done in {done - started:.1f} s (loss {result['loss']:.4f})")
                 streak = 0 if result["finite"] else streak + 1
                 if streak == 1 and self.saved_step != self.step:
                     self.save()  # the weights from just before the first non-finite step
@@ -557,8 +559,7 @@ class Trainer:
                         self.save()  # the weights are sound: keep them for a resume once the data is repaired
                         raise
                 last = self._record(metrics, micro, result, started, loaded, done, force=bool(new_skips))
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", studies_s=f"{last['studies_per_s']:.1f}")
+                bar.update(1, loss=f"{last['loss']:.4f}", studies_s=f"{last['studies_per_s']:.1f}")
                 if streak and streak >= cfg.max_nonfinite:
                     raise TrainingStopped(
                         f"{streak} consecutive steps with a non-finite loss or gradient (step {self.step}); "
@@ -634,22 +635,3 @@ class Trainer:
 
 def _skip_key(record: dict) -> tuple:
     return record["shard"], record["key"], record["study_id"]
-
-
-@command("hlip-train")
-def main(argv: list[str] | None = None) -> int:
-    """``hlip-train``: parse and check the config, train, print where everything went."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .config import load_config
-
-    cfg = load_config(argv)
-    dist = D.setup(cfg.device)
-    try:
-        with Trainer(cfg, dist) as trainer:
-            result = trainer.fit()
-    finally:
-        D.teardown()
-    if dist.main:
-        kept = {k: v for k, v in result.items() if k in ("step", "stopped", "loss", "studies_per_s")}
-        print(f"hlip-train: {json.dumps(kept)}; run folder {trainer.run_dir}")
-    return 0

@@ -1,23 +1,21 @@
 """Data: raw studies → shards (``prepare``, ``synthesize``), shard readers, token-budget batches."""
 
-from .config import ModalityConfig, PrepareConfig
-from .manifest import ScanEntry, StudyEntry, read_manifest
-from .prepare import prepare
-from .shards import RawStudy, list_shards, read_shard
-from .synth import SIZES, SynthConfig, synthesize, write_raw
+from .._lazy import lazy_exports
+from .prepare import prepare as prepare  # eager: the function shares its module's name (and needs no torch)
 
-__all__ = [
-    "SIZES",
-    "ModalityConfig",
-    "PrepareConfig",
-    "RawStudy",
-    "ScanEntry",
-    "StudyEntry",
-    "SynthConfig",
-    "list_shards",
-    "prepare",
-    "read_manifest",
-    "read_shard",
-    "synthesize",
-    "write_raw",
-]
+_EXPORTS = {
+    "ModalityConfig": ".config",
+    "PrepareConfig": ".config",
+    "ScanEntry": ".manifest",
+    "StudyEntry": ".manifest",
+    "read_manifest": ".manifest",
+    "RawStudy": ".shards",
+    "list_shards": ".shards",
+    "read_shard": ".shards",
+    "SIZES": ".synth",
+    "SynthConfig": ".synth",
+    "synthesize": ".synth",
+    "write_raw": ".synth",
+}
+__all__ = sorted([*_EXPORTS, "prepare"])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,11 +6,12 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ..boundary import add_debug_flag, command
+from ..boundary import command
+from ..cli_options import add_output_flags, add_preprocessing_flags, new_parser
+from ..console import Console
 from ..files import read_json
 from .config import PrepareConfig
-from .prepare import prepare
-from .synth import SIZES, synthesize, write_raw
+from .synth import SIZES
 from .volumes import MAX_VOXELS
 
 
@@ -23,81 +24,106 @@ def _summary(index: dict, out: Path) -> str:
     )
 
 
-@command("hlip-prepare")
-def prepare_main(argv: list[str] | None = None) -> int:
-    """``hlip-prepare MANIFEST OUT``: raw studies → shards, index.json and skipped.json."""
-    parser = argparse.ArgumentParser(
-        "hlip-prepare", description="Raw studies (manifest) -> compressed shards."
+def prepare_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "hlip-prepare",
+        "Raw studies (a manifest of NIfTI, DICOM, .npy or .pt scans with reports and labels) -> "
+        "compressed shards,\nindex.json and skipped.json. Resumable; deterministic for any --workers.",
     )
     parser.add_argument(
         "manifest", type=Path, help=".csv or .jsonl: study_id, scans, report, labels, modality"
     )
     parser.add_argument("out", type=Path, help="output folder (resumable: finished shards are kept)")
-    parser.add_argument("--grid", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    parser.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8")
-    parser.add_argument("--studies-per-shard", type=int, default=64)
-    parser.add_argument("--modality", default="CT", help="modality of rows that name none (CT or MR)")
-    parser.add_argument("--no-resample", action="store_true", help="keep each scan's own depth spacing")
+    add_preprocessing_flags(parser, "the manifest's studies")
+    parser.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8", help="stored integer type")
+    parser.add_argument("--studies-per-shard", type=int, default=64, help="studies in each .tar shard")
     parser.add_argument(
-        "--max-voxels",
-        type=int,
-        default=MAX_VOXELS,
-        help=f"refuse volumes larger than this, checked on their headers (default {MAX_VOXELS:,})",
+        "--no-resample",
+        action="store_true",
+        help="keep each scan's own depth spacing (default: CT to 3 mm, MR to 4 mm)",
     )
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--max-voxels", type=int, default=MAX_VOXELS, help="refuse larger volumes, checked on their headers"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="preprocessing processes")
     parser.add_argument(
         "--rebuild",
         action="store_true",
         help="OUT was prepared from another manifest or with other settings: redo the shards that differ",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    add_output_flags(parser)
+    return parser
+
+
+@command("hlip-prepare")
+def prepare_main(argv: list[str] | None = None) -> int:
+    """``hlip-prepare MANIFEST OUT``: raw studies → shards, index.json and skipped.json."""
+    args = prepare_parser().parse_args(argv)
+    from .prepare import prepare
+
     config = PrepareConfig(
         grid=tuple(args.grid),
         dtype=args.dtype,
         studies_per_shard=args.studies_per_shard,
-        default_modality=args.modality.upper(),
+        default_modality=args.modality,
         max_voxels=args.max_voxels,
     )
     if args.no_resample:
         config = replace(
             config, modalities={k: replace(m, spacing=None) for k, m in config.modalities.items()}
         )
+    console = Console.for_tool("hlip-prepare", args)
     index = prepare(
-        args.manifest, args.out, config, workers=args.workers, progress=not args.quiet, rebuild=args.rebuild
+        args.manifest, args.out, config, workers=args.workers, console=console, rebuild=args.rebuild
     )
     print(_summary(index, args.out))
     return 0
 
 
-@command("hlip-synth")
-def synth_main(argv: list[str] | None = None) -> int:
-    """``hlip-synth OUT``: a synthetic corpus as shards, or ``--raw`` as NIfTI files + manifest."""
-    parser = argparse.ArgumentParser(
-        "hlip-synth", description="A seeded synthetic corpus of phantom studies."
+def synth_parser() -> argparse.ArgumentParser:
+    sizes = "; ".join(
+        f"{name}: {c.num_studies} studies of {c.min_scans}-{c.max_scans} scans, "
+        f"{c.depth_range[0]}-{c.depth_range[1]} slices of {c.grid[0]}x{c.grid[1]}"
+        for name, c in SIZES.items()
     )
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--num-studies", type=int)
-    parser.add_argument("--modality", choices=["MR", "CT"])
-    parser.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"))
-    parser.add_argument("--min-scans", type=int)
-    parser.add_argument("--max-scans", type=int)
-    parser.add_argument("--finding-scale", type=float, help="multiply every finding's radius")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prefix", default="synth", help="study id prefix (e.g. train, test)")
-    parser.add_argument("--studies-per-shard", type=int, default=32)
+    parser = new_parser(
+        "hlip-synth",
+        "A seeded synthetic corpus of phantom studies (brain MRI or chest CT) with findings, reports\n"
+        "and labels: straight to shards, or with --raw as NIfTI files + manifest.jsonl for hlip-prepare.\n"
+        "Both routes give the same studies.",
+    )
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--size", choices=list(SIZES), default="tiny", help=f"corpus preset ({sizes})")
+    parser.add_argument("--num-studies", type=int, help="studies (default: the size's)")
+    parser.add_argument("--modality", choices=["MR", "CT"], type=str.upper, help="default: MR")
     parser.add_argument(
-        "--raw", action="store_true", help="write NIfTI files + manifest.jsonl for hlip-prepare"
+        "--grid", type=int, nargs=2, metavar=("H", "W"), help="in-plane size (default: the size's)"
     )
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--min-scans", type=int, help="fewest scans per study (default: the size's)")
+    parser.add_argument("--max-scans", type=int, help="most scans per study (default: the size's)")
+    parser.add_argument(
+        "--finding-scale", type=float, help="multiply every finding's radius (default: 1; larger is easier)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the corpus seed")
+    parser.add_argument("--prefix", default="synth", help="study id prefix (e.g. train, test)")
+    parser.add_argument("--studies-per-shard", type=int, default=32, help="studies in each .tar shard")
+    parser.add_argument(
+        "--raw", action="store_true", help="write NIfTI files + manifest.jsonl for hlip-prepare instead"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="rendering processes")
     parser.add_argument(
         "--rebuild", action="store_true", help="OUT holds another corpus: redo the shards that differ"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    add_output_flags(parser)
+    return parser
+
+
+@command("hlip-synth")
+def synth_main(argv: list[str] | None = None) -> int:
+    """``hlip-synth OUT``: a synthetic corpus as shards, or ``--raw`` as NIfTI files + manifest."""
+    args = synth_parser().parse_args(argv)
+    from .synth import synthesize, write_raw
+
     overrides = {"seed": args.seed, "prefix": args.prefix}
     for name in ("num_studies", "modality", "min_scans", "max_scans", "finding_scale"):
         if getattr(args, name) is not None:
@@ -105,15 +131,16 @@ def synth_main(argv: list[str] | None = None) -> int:
     if args.grid:
         overrides["grid"] = tuple(args.grid)
     config = replace(SIZES[args.size], **overrides)
+    console = Console.for_tool("hlip-synth", args)
     if args.raw:
-        manifest = write_raw(args.out, config, progress=not args.quiet)
+        manifest = write_raw(args.out, config, console=console)
         grid = " ".join(map(str, config.grid))
         print(f"{manifest}: {config.num_studies} studies")
         print(f"next: hlip-prepare {manifest} OUT --grid {grid} --modality {config.modality} --no-resample")
         return 0
     settings = PrepareConfig(studies_per_shard=args.studies_per_shard)
     index = synthesize(
-        args.out, config, settings, workers=args.workers, progress=not args.quiet, rebuild=args.rebuild
+        args.out, config, settings, workers=args.workers, console=console, rebuild=args.rebuild
     )
     print(_summary(index, args.out))
     return 0

@@ -10,6 +10,9 @@ from .volumes import MAX_VOXELS, check_spacing
 
 HLIP_CT_WINDOW = (-1150.0, 350.0)
 """HLIP's CT window in Hounsfield units, mapped to the full integer range."""
+HLIP_INPUT_MEAN, HLIP_INPUT_STD = 0.449, 0.226
+"""HLIP's input normalisation of the stored [0, 1] range: ImageNet's mean and std averaged over
+the RGB channels."""
 MAX_GRID = 4096
 """Largest in-plane grid side ``prepare`` accepts (a typo guard: 22400 for 224)."""
 

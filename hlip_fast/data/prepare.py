@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import Console
 from ..errors import IntegrityError
 from ..files import read_json, write_json
 from ..folder_lock import FolderLock
@@ -318,16 +319,12 @@ def _in_order(run: Callable, jobs: list, workers: int) -> Iterator[StudyResult]:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def write_shards(
-    shard_set: ShardSet, jobs: list, run: Callable, workers: int, progress: bool, desc: str
-) -> dict:
+def write_shards(shard_set: ShardSet, jobs: list, run: Callable, workers: int, console: Console) -> dict:
     """Run ``run(job) -> StudyResult`` over the jobs of unfinished shards (``workers`` processes,
     results in order), write each shard as soon as it is complete, then the index."""
-    from tqdm.auto import tqdm
-
     pending = [s for s in range(shard_set.num_shards) if not shard_set.is_done(s)]
     todo = [(s, i) for s in pending for i in shard_set.studies_of(s)]
-    with tqdm(total=len(todo), desc=desc, unit="study", disable=not progress) as bar:
+    with console.progress(len(todo), "preparing", "studies") as bar:
         batch: list[StudyResult] = []
         for (shard, index), result in zip(todo, _in_order(run, [jobs[i] for _, i in todo], workers)):
             batch.append(result)
@@ -346,7 +343,7 @@ def build_shards(
     run: Callable,
     *,
     workers: int,
-    progress: bool,
+    console: Console | None,
     rebuild: bool,
     desc: str,
 ) -> dict:
@@ -355,7 +352,7 @@ def build_shards(
         raise ValueError(f"workers must be >= 1, got {workers}")
     with FolderLock(out_dir, desc):
         shard_set = ShardSet(out_dir, config, fingerprints, rebuild=rebuild)
-        return write_shards(shard_set, jobs, run, workers, progress, desc)
+        return write_shards(shard_set, jobs, run, workers, console or Console.silent())
 
 
 def _single_thread() -> None:
@@ -380,10 +377,11 @@ def prepare(
     config: PrepareConfig | None = None,
     *,
     workers: int = 1,
-    progress: bool = True,
+    console: Console | None = None,
     rebuild: bool = False,
 ) -> dict:
-    """Turn the studies of ``manifest`` into shards under ``out_dir``; returns the index.
+    """Turn the studies of ``manifest`` into shards under ``out_dir``; returns the index
+    (a bar or progress lines on ``console``, silent without one).
 
     Resumable: finished shards are kept. A folder prepared from another manifest or with other
     settings is refused, unless ``rebuild``: then the shards that differ are prepared again.
@@ -400,7 +398,7 @@ def prepare(
         fingerprints,
         _Process(config),
         workers=workers,
-        progress=progress,
+        console=console,
         rebuild=rebuild,
         desc="hlip-prepare",
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .config import ModalityConfig
 from .volumes import MAX_VOXELS, Volume, check_voxels
+
+if TYPE_CHECKING:
+    import torch
 
 
 def normalise_intensity(array: np.ndarray, config: ModalityConfig) -> np.ndarray:
@@ -48,6 +51,8 @@ def _centre_fit(array: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     if have > size:
         return array.narrow(dim, (have - size) // 2, size)
     if have < size:
+        import torch.nn.functional as F
+
         pad = [0, 0] * (array.dim() - dim - 1) + [(size - have) // 2, size - have - (size - have) // 2]
         return F.pad(array, pad)
     return array
@@ -62,7 +67,11 @@ def preprocess_volume(
     max_voxels: int = MAX_VOXELS,
 ) -> tuple[np.ndarray, dict]:
     """The stored scan (``(D, H, W)`` integers, full range = ``[0, 1]``) and its geometry record.
-    A resampling that would exceed ``max_voxels`` (an implausible spacing) is refused."""
+    A resampling that would exceed ``max_voxels`` (an implausible spacing) is refused. (torch is
+    imported here, not with the module, so that ``hlip-synth --help`` answers at once.)"""
+    import torch
+    import torch.nn.functional as F
+
     shape, spacing = _target_shape(volume, config, grid)
     check_voxels(shape, max_voxels, f"resampling from spacing {volume.spacing} mm to {config.spacing} mm")
     unit = normalise_intensity(volume.array, config)

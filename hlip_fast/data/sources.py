@@ -5,13 +5,14 @@ are preprocessed on the fly exactly as ``prepare`` would store them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PrepareConfig
 from .manifest import ScanEntry, StudyEntry, read_manifest
 from .prepare import process_study
 from .reader import RawStudies
-from .shards import RawStudy
+from .shards import RawStudy, shard_infos
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -54,12 +55,24 @@ def _shard_studies(source: Path, skipped: list[dict], on_error: str) -> Iterator
     skipped += studies.skipped
 
 
+@dataclass
+class StudySource:
+    """The stored studies of a source, and how many it lists (``None`` when it does not say:
+    a lone ``.tar`` without its side file); skipped studies are among the ``total``."""
+
+    studies: Iterator[RawStudy]
+    total: int | None
+
+    def __iter__(self) -> Iterator[RawStudy]:
+        return self.studies
+
+
 def open_studies(
     source: str | Path,
     config: PrepareConfig | None = None,
     skipped: list[dict] | None = None,
     on_error: str = "raise",
-) -> Iterator[RawStudy]:
+) -> StudySource:
     """Stored studies of ``source``: a prepared folder (``index.json``) or ``.tar`` shard, a
     ``.csv``/``.jsonl`` manifest, or a folder of study folders (preprocessed with ``config``).
     Raw studies that cannot be read, and damaged stored ones under ``on_error="skip"``, are
@@ -69,6 +82,8 @@ def open_studies(
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
     if source.suffix == ".tar" or (source / "index.json").is_file():
-        return _shard_studies(source, skipped, on_error)
+        infos = shard_infos(source)
+        total = None if any(i.keys is None for i in infos) else sum(len(i.keys) for i in infos)
+        return StudySource(_shard_studies(source, skipped, on_error), total)
     entries = read_manifest(source) if source.is_file() else folder_manifest(source)
-    return preprocessed(entries, config or PrepareConfig(), skipped)
+    return StudySource(preprocessed(entries, config or PrepareConfig(), skipped), len(entries))

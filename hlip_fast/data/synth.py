@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import Console
 from ..files import write_json
 from ..integrity import canonical, digest
 from .config import PrepareConfig
@@ -218,6 +219,8 @@ def _report(rng: np.random.Generator, config: SynthConfig, findings: list[dict])
             word = NAMES[name][rng.integers(3)]
             sentences.append(ABSENT[rng.integers(len(ABSENT))].format(name=word, Name=word.capitalize()))
     sentences += list(rng.choice(NORMAL[config.modality], size=int(rng.integers(0, 3)), replace=False))
+    if not sentences:  # a report is never empty: hlip-prepare would skip the study
+        sentences.append(str(rng.choice(NORMAL[config.modality])))
     rng.shuffle(sentences)
     return " ".join(sentences)
 
@@ -284,7 +287,7 @@ def synthesize(
     prepare_config: PrepareConfig | None = None,
     *,
     workers: int = 1,
-    progress: bool = True,
+    console: Console | None = None,
     rebuild: bool = False,
 ) -> dict:
     """Write the corpus as shards (index, skip report) under ``out_dir``; returns the index.
@@ -298,7 +301,7 @@ def synthesize(
         [digest(canonical([recipe, i])) for i in range(config.num_studies)],
         _SynthStudy(config, prepare_config),
         workers=workers,
-        progress=progress,
+        console=console,
         rebuild=rebuild,
         desc="hlip-synth",
     )
@@ -306,15 +309,15 @@ def synthesize(
     return index
 
 
-def write_raw(out_dir: str | Path, config: SynthConfig, *, progress: bool = True) -> Path:
+def write_raw(out_dir: str | Path, config: SynthConfig, *, console: Console | None = None) -> Path:
     """Write the corpus as NIfTI files (RAS affine with the scan's spacing) plus ``manifest.jsonl``."""
     import nibabel as nib
-    from tqdm.auto import tqdm
 
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     entries = []
-    for index in tqdm(range(config.num_studies), desc="synth raw", unit="study", disable=not progress):
+    bar = (console or Console.silent()).progress(config.num_studies, "writing NIfTI", "studies")
+    for index in range(config.num_studies):
         entry, volumes = make_study(config, index)
         for number, (scan, volume) in enumerate(zip(entry.scans, volumes)):
             name = f"{entry.study_id}/scan{number:02d}_{scan.description}.nii.gz"
@@ -324,6 +327,8 @@ def write_raw(out_dir: str | Path, config: SynthConfig, *, progress: bool = True
             nib.save(nib.Nifti1Image(xyz, affine), root / name)
             scan.path, scan.spacing = name, None
         entries.append(entry)
+        bar.update()
+    bar.close()
     manifest = root / "manifest.jsonl"
     write_manifest(manifest, entries)
     return manifest

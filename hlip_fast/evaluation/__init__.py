@@ -1,31 +1,22 @@
 """Zero-shot classification and study↔report retrieval, as the HLIP paper evaluates."""
 
-from .metrics import binary_metrics, multiclass_metrics, retrieval_recall
-from .prompts import PromptSet, builtin_prompt_sets, load_prompts
-from .run import (
-    Embeddings,
-    embed_batches,
-    evaluate,
-    evaluate_embeddings,
-    reader_config,
-    study_batches,
-    to_markdown,
-)
-from .zeroshot import ZeroShotClassifier
+from .._lazy import lazy_exports
 
-__all__ = [
-    "Embeddings",
-    "PromptSet",
-    "ZeroShotClassifier",
-    "binary_metrics",
-    "builtin_prompt_sets",
-    "embed_batches",
-    "evaluate",
-    "evaluate_embeddings",
-    "load_prompts",
-    "multiclass_metrics",
-    "reader_config",
-    "retrieval_recall",
-    "study_batches",
-    "to_markdown",
-]
+_EXPORTS = {
+    "binary_metrics": ".metrics",
+    "multiclass_metrics": ".metrics",
+    "retrieval_recall": ".metrics",
+    "PromptSet": ".prompts",
+    "builtin_prompt_sets": ".prompts",
+    "load_prompts": ".prompts",
+    "Embeddings": ".run",
+    "embed_batches": ".run",
+    "evaluate": ".run",
+    "evaluate_embeddings": ".run",
+    "reader_config": ".run",
+    "study_batches": ".run",
+    "to_markdown": ".run",
+    "ZeroShotClassifier": ".zeroshot",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

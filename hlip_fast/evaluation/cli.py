@@ -8,22 +8,18 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from safetensors.torch import save
-
-from ..boundary import add_debug_flag, command
-from ..checkpoint import load_hlip_checkpoint, load_pretrained
-from ..data.batching import Batch
-from ..data.config import PrepareConfig
-from ..data.reader import decoded_studies
-from ..data.sources import open_studies
+from ..boundary import command
+from ..cli_options import (
+    add_device_flags,
+    add_output_flags,
+    add_preprocessing_flags,
+    autocast_dtype,
+    new_parser,
+    resolve_device,
+)
+from ..console import Console
 from ..errors import ON_ERROR
-from ..files import atomic_write
-from .prompts import builtin_prompt_sets, load_prompts
-from .run import embed_batches, evaluate_embeddings, reader_config, study_batches, to_markdown
-from .zeroshot import ZeroShotClassifier
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .prompts import builtin_prompt_sets
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,29 +43,21 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="prepared shard folder, .tar shard, .csv/.jsonl manifest, or a folder of study folders",
     )
-    parser.add_argument(
-        "--grid",
-        type=int,
-        nargs=2,
-        default=[224, 224],
-        metavar=("H", "W"),
-        help="in-plane grid for raw studies",
-    )
-    parser.add_argument("--modality", default="CT", help="modality of raw studies that name none (CT or MR)")
+    add_preprocessing_flags(parser, "raw studies")
     parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
+    add_device_flags(parser)
     parser.add_argument(
         "--on-error",
         choices=ON_ERROR,
         default="raise",
         help="a damaged stored study: stop naming it, or skip it and list it with the results",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_debug_flag(parser)
+    add_output_flags(parser)
 
 
 def model_from_args(args: argparse.Namespace):
+    from ..checkpoint import load_hlip_checkpoint, load_pretrained
+
     if (args.model is None) == (args.hlip_checkpoint is None):
         raise ValueError("give exactly one of --model or --hlip-checkpoint")
     if args.model is not None:
@@ -81,34 +69,78 @@ def model_from_args(args: argparse.Namespace):
     return load_hlip_checkpoint(args.hlip_checkpoint, args.vision, args.text)
 
 
-def batches_from_args(model, args: argparse.Namespace, skipped: list[dict]) -> Iterator[Batch]:
-    """The data argument as token-budget batches shaped for ``model`` (evaluation order)."""
-    prepare = PrepareConfig(grid=tuple(args.grid), default_modality=args.modality.upper())
-    raws = open_studies(args.data, prepare, skipped, on_error=args.on_error)
+def batches_from_args(model, args: argparse.Namespace, skipped: list[dict]) -> tuple[Iterator, int | None]:
+    """The data argument as token-budget batches shaped for ``model`` (evaluation order), and the
+    number of studies it lists (``None`` when unknown)."""
+    from ..data.config import PrepareConfig
+    from ..data.reader import decoded_studies
+    from ..data.sources import open_studies
+    from .run import reader_config, study_batches
+
+    prepare = PrepareConfig(grid=tuple(args.grid), default_modality=args.modality)
+    source = open_studies(args.data, prepare, skipped, on_error=args.on_error)
     damaged = None if args.on_error == "raise" else lambda error: skipped.append(error.record())
-    studies = decoded_studies(raws, reader_config(model), train=False, epoch=0, on_damage=damaged)
-    return study_batches(model, studies, args.max_tokens)
+    studies = decoded_studies(source, reader_config(model), train=False, epoch=0, on_damage=damaged)
+    return study_batches(model, studies, args.max_tokens), source.total
 
 
-def _embed_data(model, args: argparse.Namespace, with_text: bool):
+def _embed_data(model, args: argparse.Namespace, console: Console, with_text: bool):
     """The data argument's study (and report) embeddings, and the items skipped on the way."""
+    from .run import embed_batches
+
     skipped: list[dict] = []
+    batches, total = batches_from_args(model, args, skipped)
     embeddings = embed_batches(
         model,
-        batches_from_args(model, args, skipped),
+        batches,
         device=args.device,
         with_text=with_text,
-        autocast_dtype=PRECISIONS[args.precision],
-        progress=not args.quiet,
+        autocast_dtype=autocast_dtype(args.precision, args.device.type),
+        console=console,
+        total=total,
     )
     return embeddings, skipped
+
+
+def _load(args: argparse.Namespace, console: Console):
+    """The model of the arguments, on their device."""
+    args.device = resolve_device(args.device)
+    console.say(f"loading the model onto {args.device}")
+    return model_from_args(args).to(args.device)
 
 
 @command("hlip-eval")
 def eval_main(argv: list[str] | None = None) -> int:
     """``hlip-eval DATA --model DIR --prompts FILE ...``."""
-    parser = argparse.ArgumentParser(
-        "hlip-eval", description="Zero-shot classification and study-report retrieval."
+    args = eval_parser().parse_args(argv)
+    from ..files import atomic_write
+    from .prompts import load_prompts
+    from .run import evaluate_embeddings, to_markdown
+    from .zeroshot import ZeroShotClassifier
+
+    console = Console.for_tool("hlip-eval", args)
+    model = _load(args, console)
+    classifiers = [ZeroShotClassifier.build(model, load_prompts(p)) for p in args.prompts]
+    embeddings, skipped = _embed_data(model, args, console, with_text=not args.no_retrieval)
+    console.say(f"scoring {len(embeddings.study_ids)} studies")
+    results = evaluate_embeddings(
+        embeddings, classifiers, model.logit_scale.exp().item(), threshold=args.threshold
+    )
+    results["skipped"] = skipped
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "results.json", json.dumps(results, indent=2))
+    markdown = to_markdown(results)
+    atomic_write(args.out / "results.md", markdown + "\n")
+    print(markdown)
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}; skipped {len(skipped)} item(s)")
+    return 0
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "hlip-eval",
+        "Zero-shot classification (HLIP's protocol: one prompt pair per finding) and study<->report\n"
+        "retrieval (R@1/5/10) of a trained model on studies with reports and labels.",
     )
     add_model_arguments(parser)
     add_data_arguments(parser)
@@ -128,37 +160,20 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("eval"), help="folder for results.json and results.md"
     )
-    args = parser.parse_args(argv)
-    model = model_from_args(args).to(args.device)
-    classifiers = [ZeroShotClassifier.build(model, load_prompts(p)) for p in args.prompts]
-    embeddings, skipped = _embed_data(model, args, with_text=not args.no_retrieval)
-    results = evaluate_embeddings(
-        embeddings, classifiers, model.logit_scale.exp().item(), threshold=args.threshold
-    )
-    results["skipped"] = skipped
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "results.json", json.dumps(results, indent=2))
-    markdown = to_markdown(results)
-    atomic_write(args.out / "results.md", markdown + "\n")
-    print(markdown)
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}; skipped {len(skipped)} item(s)")
-    return 0
+    return parser
 
 
 @command("hlip-embed")
 def embed_main(argv: list[str] | None = None) -> int:
     """``hlip-embed DATA --model DIR --out embeddings.safetensors``."""
-    parser = argparse.ArgumentParser(
-        "hlip-embed", description="Study embeddings (normalised) for a folder of studies."
-    )
-    add_model_arguments(parser)
-    add_data_arguments(parser)
-    parser.add_argument(
-        "--out", type=Path, default=Path("embeddings.safetensors"), help="output .safetensors file"
-    )
-    args = parser.parse_args(argv)
-    model = model_from_args(args).to(args.device)
-    embeddings, skipped = _embed_data(model, args, with_text=False)
+    args = embed_parser().parse_args(argv)
+    from safetensors.torch import save
+
+    from ..files import atomic_write
+
+    console = Console.for_tool("hlip-embed", args)
+    model = _load(args, console)
+    embeddings, skipped = _embed_data(model, args, console, with_text=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "study_ids": json.dumps(embeddings.study_ids),
@@ -171,3 +186,17 @@ def embed_main(argv: list[str] | None = None) -> int:
         f"skipped {len(skipped)} item(s)" + "".join(f"\n  {s}" for s in skipped)
     )
     return 0
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "hlip-embed",
+        "Study embeddings (L2-normalised) of a trained model for a folder, manifest or shards of\n"
+        "studies, written to one safetensors file with the study ids in its metadata.",
+    )
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument(
+        "--out", type=Path, default=Path("embeddings.safetensors"), help="output .safetensors file"
+    )
+    return parser

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from ..console import Console
 from ..data.batching import Batch
 from ..data.reader import BatchConfig, token_batches
 from ..data.transforms import ReaderConfig, Study
@@ -63,14 +63,15 @@ def embed_batches(
     device: str | torch.device = "cpu",
     with_text: bool = True,
     autocast_dtype: torch.dtype | None = None,
-    progress: bool = True,
+    console: Console | None = None,
     total: int | None = None,
 ) -> Embeddings:
-    """Run ``model`` (an :class:`~hlip_fast.HLIPModel`) over ``batches`` in eval mode."""
+    """Run ``model`` (an :class:`~hlip_fast.HLIPModel`) over ``batches`` in eval mode; progress
+    in studies (of ``total``, when known) on ``console``."""
     model.eval()
     ids, studies, texts, labels = [], [], [], []
-    bar = tqdm(batches, desc="embed", unit="batch", total=total, disable=not progress)
-    for batch in bar:
+    bar = (console or Console.silent()).progress(total, "embed", "studies")
+    for batch in batches:
         with torch.autocast(
             torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None
         ):
@@ -79,6 +80,8 @@ def embed_batches(
                 texts.append(model.encode_text(batch.reports).float().cpu())
         ids += list(batch.study_ids)
         labels.append((batch.labels, batch.label_names))
+        bar.update(len(batch.study_ids))
+    bar.close()
     if not ids:
         raise ValueError("no studies to embed")
     label_table, names = _merge_labels(labels)

@@ -16,9 +16,7 @@ from hlip_fast.data.synth import SIZES, synthesize
 def shards(tmp_path_factory) -> Path:
     """12 tiny studies in 3 shards of 4 (the pristine copy: tests damage copies of it)."""
     root = tmp_path_factory.mktemp("faults") / "shards"
-    synthesize(
-        root, replace(SIZES["tiny"], num_studies=12), PrepareConfig(studies_per_shard=4), progress=False
-    )
+    synthesize(root, replace(SIZES["tiny"], num_studies=12), PrepareConfig(studies_per_shard=4))
     return root
 
 

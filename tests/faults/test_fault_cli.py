@@ -5,6 +5,7 @@ with --debug."""
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from hlip_fast.train import main as train_main
 from hlip_fast.train.demo import main as train_demo_main
 
 from hlip_fast import create_clip, save_pretrained
-from hlip_fast.data import cli as data_cli
 from hlip_fast.data.cli import prepare_main, synth_main
 from hlip_fast.demo import main as demo_main
 from hlip_fast.evaluation.cli import embed_main, eval_main
@@ -41,7 +41,11 @@ def test_missing_inputs_are_one_line_per_tool(tmp_path, capsys, shards, model_fo
         (synth_main, [str(a_file / "out"), "--quiet"], "a file stands where a folder was expected"),
         (eval_main, [str(nowhere), "--model", str(model_folder)], "nowhere does not exist"),
         (embed_main, [str(shards), "--model", str(nowhere)], "is not an hlip_fast checkpoint folder"),
-        (train_main, ["--train-data", str(nowhere)], "is not a prepared shard folder"),
+        (
+            train_main,
+            ["--train-data", str(nowhere), "--recipe", "scratch-tiny"],
+            "is not a prepared shard folder",
+        ),
         (demo_main, ["--model", "vit_nope"], "unknown model 'vit_nope'"),
         (
             train_demo_main,
@@ -62,7 +66,7 @@ def test_debug_shows_the_traceback_and_internal_errors_say_so(tmp_path, capsys, 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(data_cli, "prepare", broken)
+    monkeypatch.setattr(sys.modules["hlip_fast.data.prepare"], "prepare", broken)
     (tmp_path / "m.jsonl").write_text("")
     status, err = run(prepare_main, [str(tmp_path / "m.jsonl"), str(tmp_path / "o")], capsys)
     assert status == 1 and "internal error: ZeroDivisionError: a bug (rerun with --debug" in err

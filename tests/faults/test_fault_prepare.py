@@ -30,7 +30,7 @@ TINY = replace(SIZES["tiny"], num_studies=5, max_scans=2)
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     """A tiny raw corpus: NIfTI files and ``manifest.jsonl``."""
-    return write_raw(tmp_path_factory.mktemp("raw"), TINY, progress=False)
+    return write_raw(tmp_path_factory.mktemp("raw"), TINY)
 
 
 def tars(root: Path) -> dict[str, bytes]:
@@ -141,7 +141,7 @@ def test_absurd_spacing_and_missing_pixel_spacing_are_named(tmp_path):
         ),
     ]
     config = PrepareConfig(grid=(32, 32), max_voxels=100_000)
-    prepare(entries, tmp_path / "out", config, progress=False)
+    prepare(entries, tmp_path / "out", config)
     files = {
         Path(f["file"]).name: f["reason"]
         for f in json.loads((tmp_path / "out" / "skipped.json").read_text())["files"]
@@ -159,7 +159,7 @@ def synth_jobs(config):
 
 def test_a_killed_worker_is_retried_and_a_fatal_study_is_skipped(tmp_path):
     settings, jobs, prints, run = synth_jobs(TINY)
-    common = {"workers": 2, "progress": False, "rebuild": False, "desc": "test"}
+    common = {"workers": 2, "console": None, "rebuild": False, "desc": "test"}
     build_shards(tmp_path / "clean", settings, jobs, prints, run, **{**common, "workers": 1})
     once = DiesOn(run, target=3, marker=tmp_path / "died-once")
     build_shards(tmp_path / "once", settings, jobs, prints, once, **common)
@@ -174,7 +174,7 @@ def test_a_killed_worker_is_retried_and_a_fatal_study_is_skipped(tmp_path):
 def test_an_edited_manifest_is_refused_or_rebuilt_shard_by_shard(raw, tmp_path):
     settings = replace(synth_prepare_config(TINY), studies_per_shard=2)
     out = tmp_path / "out"
-    prepare(raw, out, settings, progress=False)
+    prepare(raw, out, settings)
     edited = rows(raw)
     edited[2]["report"] = "An edited report."
     manifest = write_rows(raw.parent / "edited.jsonl", edited)
@@ -182,13 +182,13 @@ def test_an_edited_manifest_is_refused_or_rebuilt_shard_by_shard(raw, tmp_path):
     with pytest.raises(
         ValueError, match=r"another manifest .*manifest rows changed .*shard-000001.tar.*--rebuild"
     ):
-        prepare(manifest, out, settings, progress=False)
+        prepare(manifest, out, settings)
     with pytest.raises(ValueError, match=r"grid: \[32, 32\] -> \[16, 16\]"):
-        prepare(raw, out, replace(settings, grid=(16, 16)), progress=False)
-    prepare(manifest, out, settings, progress=False, rebuild=True)
+        prepare(raw, out, replace(settings, grid=(16, 16)))
+    prepare(manifest, out, settings, rebuild=True)
     after = {name: (out / name).stat().st_mtime_ns for name in tars(out)}
     assert [n for n in before if before[n] != after[n]] == ["shard-000001.tar"]
-    prepare(manifest, tmp_path / "fresh", settings, progress=False)
+    prepare(manifest, tmp_path / "fresh", settings)
     assert tars(out) == tars(tmp_path / "fresh")
     assert {r.study_id: r.meta["report"] for r in RawStudies(out)}[
         edited[2]["study_id"]

@@ -22,6 +22,8 @@ from hlip_fast.data.synth import SIZES
 from hlip_fast.folder_lock import FolderLock
 
 TINY = ["--model", "vit_tiny_multiscan_h2", "--embed-dim", "32", "--max-tokens", "1024", "--workers", "0"]
+# a text tower that can learn (tiny, trained) and a warm-up that fits the short runs here
+TINY += ["--text-model", "tiny", "--no-lock-text", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def corpus(tmp_path_factory) -> Path:
     config = replace(
         SIZES["tiny"], num_studies=16, modality="CT", min_scans=2, max_scans=2, depth_range=(8, 12)
     )
-    synthesize(root, config, progress=False)
+    synthesize(root, config)
     return root
 
 

@@ -1,0 +1,225 @@
+"""Rewrites the README's result sections from the newest files in ``bench/results/``, so that
+every figure the README shows is one a script printed and recorded.
+
+Each section sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; ``NAME`` is
+the result kind (``demo``, ``encoder``, ``attention``, ``data``, ``train``) and its newest
+``bench/results/NAME_cpu_<date>.json`` fills it.
+
+    python bench/readme.py            # rewrite README.md
+    python bench/readme.py --check    # exit 1 and show the difference when README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+README = REPO / "README.md"
+SECTION = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def newest(kind: str) -> tuple[Path, dict]:
+    """The newest CPU result file of ``kind`` (ISO dates in the names sort in time order)."""
+    files = sorted(RESULTS.glob(f"{kind}_cpu_*.json"))
+    if not files:
+        raise FileNotFoundError(f"no {RESULTS.relative_to(REPO)}/{kind}_cpu_*.json: run bench/{kind}.py")
+    return files[-1], json.loads(files[-1].read_text())
+
+
+def _machine(result: dict) -> str:
+    m = result["machine"]
+    return f"{m['date']}, {m['cpu_count']}-core {m['processor']} CPU, torch {m['torch'].split('+')[0]}"
+
+
+def _source(path: Path) -> str:
+    return f"`{path.relative_to(REPO)}`"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def demo(path: Path, result: dict) -> str:
+    d = result["demo"]
+    zeroshot = d["zeroshot"]
+    rows = [
+        ["**macro**", *(f"{zeroshot['macro'][k]:.3f}" for k in ("auc", "balanced_accuracy", "weighted_f1"))]
+    ]
+    rows += [
+        [name, *(f"{f[k]:.3f}" for k in ("auc", "balanced_accuracy", "weighted_f1"))]
+        for name, f in zeroshot["per_finding"].items()
+    ]
+    recall = d["retrieval"]["study_to_text"]
+    return (
+        f"The training demo as `python bench/demo.py` ran it ({_machine(result)}: {d['minutes']:.1f} min "
+        f"after the install; {d['studies']} training and {d['val_studies']} held-out studies, "
+        f"{d['steps']} steps, `--recipe {d['recipe']}`; {_source(path)}), zero-shot on the held-out "
+        "split:\n\n"
+        + _table(["finding", "AUC", "balanced acc.", "weighted F1"], rows)
+        + f"\n\nRetrieval among the {d['val_studies']} held-out studies: study→report R@1/5/10 = "
+        + " / ".join(f"{recall[k]:.3f}" for k in recall)
+        + ".\n"
+    )
+
+
+def encoder(path: Path, result: dict) -> str:
+    c = result["config"]
+    rows = []
+    for r in result["results"]:
+        scans, slices = r["scans_per_study"], [n for study in r["slices_per_scan"] for n in study]
+        span = lambda v: f"{min(v)}" if min(v) == max(v) else f"{min(v)}–{max(v)}"  # noqa: E731
+        name = r["case"].replace("_", " ").replace("mri", "MRI")
+        t, s = r["tokens"], r["median_seconds_per_study"]
+        rows.append(
+            [
+                f"{name}: {span(scans)} scans × {span(slices)} slices",
+                f"{s['padded_hlip']:.3f}",
+                f"{s['hlip_fast']:.3f}",
+                f"{r['speedup']:.2f}×",
+                f"{t['padded_hlip']:,} / {t['hlip_fast']:,}",
+            ]
+        )
+    return (
+        f"`python bench/encoder_cpu.py` — {_machine(result)}, medians of {c['repeats']} repeats over "
+        f"{c['studies']} studies ({_source(path)}):\n\n"
+        + _table(
+            ["case", "padded HLIP s/study", "hlip_fast s/study", "speed-up", "tokens padded / packed"], rows
+        )
+        + "\n"
+    )
+
+
+def attention(path: Path, result: dict) -> str:
+    c = result["config"]
+    padded = {(r["case"], r["level"]): r for r in result["results"] if r["backend"] == "padded_sdpa"}
+    rows = [
+        [
+            f"{r['case'].replace('_', ' ').replace('ct', 'CT').replace('mri', 'MRI')} / {r['level']} "
+            f"({r['segments']} segments, up to {r['max_seqlen']} rows)",
+            r["backend"],
+            f"{padded[r['case'], r['level']]['fwd_bwd_ms']:.3f}",
+            f"{r['fwd_bwd_ms']:.3f}",
+            f"{r['fwd_bwd_speedup_vs_padded']:.2f}×",
+        ]
+        for r in result["results"]
+        if r["backend"] != "padded_sdpa" and r["fwd_bwd_ms"] is not None and not r["case"].startswith("sweep")
+    ]
+    dtype = c["dtype"].removeprefix("torch.")
+    return (
+        f"`python bench/attention.py` — {_machine(result)}, {dtype}, {c['heads']} heads of {c['head_dim']}, "
+        f"medians of {c['repeats']} ({_source(path)}); forward+backward against padded dense SDPA on "
+        "scaled-down HLIP structures:\n\n"
+        + _table(["case / level", "backend", "padded SDPA ms", "backend ms", "speed-up"], rows)
+        + "\n"
+    )
+
+
+def data(path: Path, result: dict) -> str:
+    c = result["config"]
+    names = {"torch_load_pt": "`torch.load` per scan", "hlip_fast_shards": "hlip_fast shards (CPU)"}
+    base = next(r for r in result["results"] if r["reader"] == "torch_load_pt")["studies_per_s"]
+    rows = [
+        [
+            names.get(r["reader"], r["reader"]),
+            f"{r['studies_per_s']:.1f}",
+            f"{r['volumes_per_s']:.1f}",
+            f"{r['gb_per_s']:.3f}",
+            f"{r['disk_mb']:.1f}",
+            f"{r['studies_per_s'] / base:.2f}×",
+        ]
+        for r in result["results"]
+    ]
+    text = (
+        f"`python bench/data.py` — {_machine(result)}, {c['studies']} studies, {c['workers']} DataLoader "
+        f"workers, medians of {c['repeats']} passes ({_source(path)}):\n\n"
+        + _table(
+            ["reader", "studies/s", "volumes/s", "GB/s (float32 out)", "on disk (MB)", "vs torch.load"], rows
+        )
+        + "\n"
+    )
+    if checks := result.get("checksums"):
+        text += (
+            f"\nVerifying the checksums changed the reader's time by {checks['reader']['overhead']:+.1%} "
+            "(through the workers) and a decoding pass in one process by "
+            f"{checks['one_process']['overhead']:+.1%} in that run.\n"
+        )
+    return text
+
+
+def train(path: Path, result: dict) -> str:
+    c, r = result["config"], result["results"]
+    rows = [
+        [name, f"{r[key]['studies_per_s']:.3f}", f"{r[key]['peak_mb_per_study']:.0f}", speedup]
+        for name, key, speedup in (
+            ("padded HLIP", "padded_hlip", "1.00×"),
+            ("hlip_fast", "hlip_fast", f"{result['speedup']:.2f}×"),
+        )
+    ]
+    return (
+        f"`python bench/train.py` (preset `{c['preset']}`) — {_machine(result)}, medians of "
+        f"{c['repeats']} passes ({_source(path)}):\n\n"
+        + _table(["pipeline", "studies/s", "peak memory per study (MB)", "speed-up"], rows)
+        + "\n"
+    )
+
+
+RENDERERS: dict[str, Callable[[Path, dict], str]] = {
+    "demo": demo,
+    "encoder": encoder,
+    "attention": attention,
+    "data": data,
+    "train": train,
+}
+
+
+def render(text: str) -> str:
+    """``text`` (the README) with every marked section regenerated."""
+    found = set()
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise ValueError(f"README.md: unknown results section {name!r}; known: {sorted(RENDERERS)}")
+        found.add(name)
+        return match[1] + RENDERERS[name](*newest(name)) + match[4]
+
+    text = SECTION.sub(fill, text)
+    if missing := sorted(set(RENDERERS) - found):
+        raise ValueError(f"README.md has no <!-- results:NAME --> section for {missing}")
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md is stale")
+    args = parser.parse_args()
+    current = README.read_text()
+    wanted = render(current)
+    if wanted == current:
+        print("README.md: result sections are up to date")
+        return 0
+    if args.check:
+        diff = difflib.unified_diff(
+            current.splitlines(), wanted.splitlines(), "README.md", "generated", lineterm=""
+        )
+        print("\n".join(diff))
+        print("README.md is stale: run python bench/readme.py", file=sys.stderr)
+        return 1
+    README.write_text(wanted)
+    print("README.md: result sections rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""``hlip-train``: parse and check the config (no torch needed for that, so ``--help`` answers at
+once), then train and print where everything went."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from hlip_fast.boundary import command
+from hlip_fast.console import Console, silence_third_party
+
+from .config import load_config
+
+log = logging.getLogger("hlip_fast.train")
+
+
+@command("hlip-train")
+def main(argv: list[str] | None = None) -> int:
+    """``hlip-train [--recipe NAME] [--config FILE] [flags]``."""
+    cfg = load_config(argv)
+    logging.basicConfig(
+        level=logging.WARNING if cfg.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    silence_third_party(cfg.quiet)
+    from . import distributed as D
+    from .trainer import Trainer
+
+    dist = D.setup(cfg.device)
+    for warning in cfg.warnings() if dist.main else []:
+        log.warning(warning)
+    console = Console("hlip-train", progress=cfg.progress, quiet=cfg.quiet, enabled=dist.main)
+    try:
+        with Trainer(cfg, dist, console) as trainer:
+            result = trainer.fit()
+    finally:
+        D.teardown()
+    if dist.main:
+        kept = {k: v for k, v in result.items() if k in ("step", "stopped", "loss", "studies_per_s")}
+        print(f"hlip-train: {json.dumps(kept)}; run folder {trainer.run_dir}")
+    return 0
