@@ -77,9 +77,9 @@ class Console:
         self.bars = self.lines and progress
 
     @classmethod
-    def for_tool(cls, name: str, args, enabled: bool = True) -> Console:
-        """The console of a tool whose parser has the output flags (``args.quiet``,
-        ``args.progress``); third-party output is silenced from here on."""
+    def for_tool(cls, name: str, args: object, enabled: bool = True) -> Console:
+        """The console of a tool from its settings (``args.quiet``, ``args.progress``: the
+        output flags, or a config with those fields); third-party output is silenced from here on."""
         silence_third_party(args.quiet)
         return cls(name, progress=args.progress, quiet=args.quiet, enabled=enabled)
 

@@ -7,7 +7,7 @@ import json
 import logging
 
 from hlip_fast.boundary import command
-from hlip_fast.console import Console, silence_third_party
+from hlip_fast.console import Console
 
 from .config import load_config
 
@@ -22,14 +22,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if cfg.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    silence_third_party(cfg.quiet)
     from . import distributed as D
     from .trainer import Trainer
 
     dist = D.setup(cfg.device)
     for warning in cfg.warnings() if dist.main else []:
         log.warning(warning)
-    console = Console("hlip-train", progress=cfg.progress, quiet=cfg.quiet, enabled=dist.main)
+    console = Console.for_tool("hlip-train", cfg, enabled=dist.main)
     try:
         with Trainer(cfg, dist, console) as trainer:
             result = trainer.fit()
