@@ -60,7 +60,8 @@ def demo(path: Path, result: dict) -> str:
     ]
     recall = d["retrieval"]["study_to_text"]
     return (
-        f"The training demo as `python bench/demo.py` ran it ({_machine(result)}: {d['minutes']:.1f} min "
+        f"The training demo (`bash scripts/demo.sh`; recorded by `python bench/demo.py`, {_machine(result)}: "
+        f"{d['minutes']:.1f} min "
         f"after the install; {d['studies']} training and {d['val_studies']} held-out studies, "
         f"{d['steps']} steps, `--recipe {d['recipe']}`; {_source(path)}), zero-shot on the held-out "
         "split:\n\n"
