@@ -6,6 +6,8 @@ shared backend-vs-reference tests in test_attention.py cover it too.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import random_layout, random_rows
@@ -17,6 +19,15 @@ pytest.importorskip("triton")
 from hlip_fast.attention import triton_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_runs_under_the_expected_triton():
+    """.ci/run runs this file a second time under the GPU image's triton (3.6) and says so with
+    HLIP_FAST_EXPECT_TRITON: that run must really import that version."""
+    import triton
+
+    expected = os.environ.get("HLIP_FAST_EXPECT_TRITON", "")
+    assert triton.__version__.startswith(expected), (triton.__version__, expected)
 
 
 def op_inputs(layout: Layout, level: str, class_tokens: bool, dim: int = 16, dtype=torch.float32):
