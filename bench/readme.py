@@ -22,14 +22,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 README = REPO / "README.md"
+DEVICE_FREE = {"tile_model"}  # counted, not timed: the same on every machine
 SECTION = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 
 def newest(kind: str) -> tuple[Path, dict]:
-    """The newest CPU result file of ``kind`` (ISO dates in the names sort in time order)."""
-    files = sorted(RESULTS.glob(f"{kind}_cpu_*.json"))
+    """The newest result file of ``kind`` (CPU measurements, or the device-free tile model; ISO
+    dates in the names sort in time order)."""
+    pattern = f"{kind}_*.json" if kind in DEVICE_FREE else f"{kind}_cpu_*.json"
+    files = sorted(RESULTS.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no {RESULTS.relative_to(REPO)}/{kind}_cpu_*.json: run bench/{kind}.py")
+        raise FileNotFoundError(f"no {RESULTS.relative_to(REPO)}/{pattern}: run bench/{kind}.py")
     return files[-1], json.loads(files[-1].read_text())
 
 
@@ -173,12 +176,41 @@ def train(path: Path, result: dict) -> str:
     )
 
 
+def tile_model(path: Path, result: dict) -> str:
+    rows = [
+        [
+            re.sub(r"(vit_\w+)", r"`\1`", r["case"]),
+            r["level"],
+            f"{r['mean_tokens']:,.0f}",
+            f"{r['triton']:.3f} ({r['triton_block_m']})",
+            f"{r['triton_class_share']:.1%}",
+            f"{r['flash_varlen']:.3f}",
+            f"{r['flex']:.3f}",
+        ]
+        for r in result["results"]
+    ]
+    header = [
+        "case",
+        "level",
+        "tokens/segment",
+        "triton (item rows)",
+        "class rows' share",
+        "flash varlen",
+        "flex",
+    ]
+    return (
+        f"`python bench/tile_model.py` ({result['machine']['date']}, {_source(path)}; plot beside it), "
+        "useful / visited score entries:\n\n" + _table(header, rows) + "\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "demo": demo,
     "encoder": encoder,
     "attention": attention,
     "data": data,
     "train": train,
+    "tile_model": tile_model,
 }
 
 

@@ -30,23 +30,23 @@ def test_runs_under_the_expected_triton():
     assert triton.__version__.startswith(expected), (triton.__version__, expected)
 
 
-def op_inputs(layout: Layout, level: str, class_tokens: bool, dim: int = 16, dtype=torch.float32):
-    q, k, v = (t.to(DEVICE, dtype) for t in random_rows(layout, level, class_tokens, dim=dim))
+def op_inputs(layout: Layout, level: str, class_tokens: bool, dim: int = 16, dtype=torch.float32) -> tuple:
+    """The custom op's arguments: q, k, v, the layout's kernel inputs, class rows, item height, scale."""
+    q, k, v = (
+        t.to(DEVICE, dtype).requires_grad_() for t in random_rows(layout, level, class_tokens, dim=dim)
+    )
     layout = layout.to(DEVICE)
-    row_seg = layout.row_segment_ids(level, class_tokens)
-    cu = layout.level(level).cu_seqlens
+    tensors, block_m = triton_backend.schedule_inputs(layout, level, class_tokens, q.device)
     class_rows = layout.num_segments(level) if class_tokens else 0
-    return q, k, v, row_seg, cu, class_rows, dim**-0.5
+    return (q, k, v, *tensors, class_rows, block_m, dim**-0.5)
 
 
 def test_custom_op_passes_opcheck(rng):
     """Fake (meta) implementation, schema and autograd registration agree with the kernel."""
     layout = Layout.build([(1, 2, 3), (2, 1, 5)], [1, 1])
-    q, k, v, row_seg, cu, class_rows, scale = op_inputs(layout, "scan", True)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(
         triton_backend.hier_attn_fwd,
-        (q, k, v, row_seg, cu, class_rows, scale),
+        op_inputs(layout, "scan", True),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 

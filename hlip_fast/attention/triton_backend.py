@@ -1,7 +1,8 @@
 """The ``triton`` backend: hlip_fast's block-sparse flash-attention kernel as a torch custom op.
 
 The kernels (``hlip_fast.kernels.hier_attention``) take the packed rows as they are, class-token
-rows included, so no gather or padding happens around them. The forward and backward are
+rows included, so no gather or padding happens around them; they follow a tile schedule built
+once per layout and level on the host (``hlip_fast.kernels.tile_schedule``). The forward and backward are
 registered as ``hlip_fast::hier_attn_fwd`` / ``hlip_fast::hier_attn_bwd`` custom ops with fake
 (meta) implementations, so the op composes with ``torch.compile`` and autograd.
 
@@ -49,14 +50,20 @@ def hier_attn_fwd(
     v: torch.Tensor,
     row_seg: torch.Tensor,
     cu: torch.Tensor,
+    item_rows: torch.Tensor,
+    item_starts: torch.Tensor,
+    item_segs: torch.Tensor,
     num_class_rows: int,
+    block_m: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().hier_attn_forward(q, k, v, row_seg, cu, num_class_rows, scale)
+    return _kernels().hier_attn_forward(
+        q, k, v, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m, scale
+    )
 
 
 @hier_attn_fwd.register_fake
-def _(q, k, v, row_seg, cu, num_class_rows, scale):
+def _(q, k, v, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m, scale):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float32
     )
@@ -72,38 +79,83 @@ def hier_attn_bwd(
     lse: torch.Tensor,
     row_seg: torch.Tensor,
     cu: torch.Tensor,
+    item_rows: torch.Tensor,
+    item_starts: torch.Tensor,
+    item_segs: torch.Tensor,
     num_class_rows: int,
+    block_m: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().hier_attn_backward(grad_out, q, k, v, out, lse, row_seg, cu, num_class_rows, scale)
+    return _kernels().hier_attn_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        row_seg,
+        cu,
+        item_rows,
+        item_starts,
+        item_segs,
+        num_class_rows,
+        block_m,
+        scale,
+    )
 
 
 @hier_attn_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, row_seg, cu, num_class_rows, scale):
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    row_seg,
+    cu,
+    item_rows,
+    item_starts,
+    item_segs,
+    num_class_rows,
+    block_m,
+    scale,
+):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_seg, cu, num_class_rows, scale = inputs
+    q, k, v, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_seg, cu)
-    ctx.num_class_rows, ctx.scale = num_class_rows, scale
+    ctx.save_for_backward(q, k, v, out, lse, row_seg, cu, item_rows, item_starts, item_segs)
+    ctx.num_class_rows, ctx.block_m, ctx.scale = num_class_rows, block_m, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, row_seg, cu = ctx.saved_tensors
-    dq, dk, dv = hier_attn_bwd(grad_out, q, k, v, out, lse, row_seg, cu, ctx.num_class_rows, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = hier_attn_bwd(grad_out, *ctx.saved_tensors, ctx.num_class_rows, ctx.block_m, ctx.scale)
+    return dq, dk, dv, *(None,) * 8
 
 
 hier_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def schedule_inputs(layout, level: str, class_tokens: bool, device: torch.device) -> tuple:
+    """The kernels' layout inputs: row segment ids, ``cu_seqlens``, the tile schedule's device
+    arrays and its item height (16 under the interpreter; on a GPU whichever of
+    ``BLOCK_MS`` visits least for this layout and level)."""
+    from hlip_fast.kernels.tile_schedule import best_schedule
+
+    heights = (16,) if _interpreted() else _kernels().BLOCK_MS
+    schedule = best_schedule(layout, level, class_tokens, heights)
+    row_seg = layout.row_segment_ids(level, class_tokens)
+    cu = layout.level(level).cu_seqlens
+    return (row_seg, cu, *schedule.on(device)), schedule.block_m
+
+
 def triton_attention(call: AttentionCall) -> torch.Tensor:
     class_rows = call.layout.num_segments(call.level) if call.class_tokens else 0
-    row_seg = call.layout.row_segment_ids(call.level, call.class_tokens)
-    cu = call.layout.level(call.level).cu_seqlens
-    out, _ = hier_attn_fwd(call.q, call.k, call.v, row_seg, cu, class_rows, call.scale)
+    tensors, block_m = schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device)
+    out, _ = hier_attn_fwd(call.q, call.k, call.v, *tensors, class_rows, block_m, call.scale)
     return out
 
 
