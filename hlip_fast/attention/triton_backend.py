@@ -63,7 +63,7 @@ def hier_attn_fwd(
 
 
 @hier_attn_fwd.register_fake
-def _(q, k, v, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m, scale):
+def _(q, *kv_schedule_and_scalars):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float32
     )
@@ -86,41 +86,12 @@ def hier_attn_bwd(
     block_m: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().hier_attn_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        row_seg,
-        cu,
-        item_rows,
-        item_starts,
-        item_segs,
-        num_class_rows,
-        block_m,
-        scale,
-    )
+    schedule = (row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m)
+    return _kernels().hier_attn_backward(grad_out, q, k, v, out, lse, *schedule, scale)
 
 
 @hier_attn_bwd.register_fake
-def _(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    row_seg,
-    cu,
-    item_rows,
-    item_starts,
-    item_segs,
-    num_class_rows,
-    block_m,
-    scale,
-):
+def _(grad_out, q, *schedule_and_scalars):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
 
