@@ -28,6 +28,22 @@ def test_layout_build(benchmark, studies):
     benchmark(Layout.build, grids, scans)
 
 
+@pytest.mark.parametrize("studies", [8, 64])
+def test_layout_build_and_kernel_schedules(benchmark, studies):
+    """What a training step spends on the host before the Triton kernels run: the layout and
+    the tile schedules of its three levels (both item heights tried, as the backend does)."""
+    from hlip_fast.kernels.tile_schedule import best_schedule
+
+    grids, scans = brain_mri_grids(studies)
+
+    def build():
+        layout = Layout.build(grids, scans)
+        for level in ("slice", "scan", "study"):
+            best_schedule(layout, level, True, (64, 128))
+
+    benchmark(build)
+
+
 @pytest.fixture(scope="module")
 def small_models():
     torch.manual_seed(0)

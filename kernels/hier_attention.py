@@ -6,9 +6,9 @@ of a level's layout followed by ``S`` class-token rows, one per segment. ``row_s
 attend to each other exactly when their segments match.
 
 The work follows a tile schedule (``tile_schedule.py``): each program owns one work item of one
-head, at most ``BLOCK_M`` rows (gathered through ``item_rows``) of the consecutive segments
-``lo..hi-1``, and visits their partners, the patch rows ``cu[lo]..cu[hi]`` then the class rows
-``N + lo..N + hi``, ``BLOCK_N`` at a time, masked by segment id. Every row is in one item, so the
+head, at most ``BLOCK_M`` rows of the consecutive segments ``lo..hi-1`` (the same window of each,
+described by ``items``), and visits their partners, the patch rows ``cu[lo]..cu[hi]`` then the
+class rows ``N + lo..N + hi``, ``BLOCK_N`` at a time, masked by segment id. Every row is in one item, so the
 forward, the query-side and (the relation being symmetric) the key-side backward each write a
 row once.
 
@@ -26,17 +26,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _item(item_rows, item_starts, item_segs, row_seg, cu, pid, S, BLOCK_M: tl.constexpr):
-    """Item ``pid``: its rows, their mask and segments, and its partners (first patch row,
-    number of patch rows, first segment, number of partner rows)."""
-    r0 = tl.load(item_starts + pid)
-    count = tl.load(item_starts + pid + 1) - r0
+def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr):
+    """Item ``pid``: its rows (``count`` rows of each segment ``lo..hi-1``, ``from_end`` rows
+    before the segment's end, class row last), their mask and segments, and its partners
+    (first patch row, number of patch rows, first segment, number of partner rows)."""
+    lo = tl.load(items + 4 * pid)
+    hi = tl.load(items + 4 * pid + 1)
+    from_end = tl.load(items + 4 * pid + 2)
+    count = tl.load(items + 4 * pid + 3)
     idx = tl.arange(0, BLOCK_M)
-    ok = idx < count
-    rows = tl.load(item_rows + r0 + idx, mask=ok, other=0)
-    seg = tl.load(row_seg + rows, mask=ok, other=-1)
-    lo = tl.load(item_segs + 2 * pid)
-    hi = tl.load(item_segs + 2 * pid + 1)
+    ok = idx < (hi - lo) * count
+    seg = lo + idx // count
+    first = tl.load(cu + seg, mask=ok, other=0)
+    length = tl.load(cu + seg + 1, mask=ok, other=0) - first
+    offset = length + tl.where(S > 0, 1, 0) - from_end + idx % count
+    rows = tl.where(offset < length, first + offset, N + seg)
+    seg = tl.where(ok, seg, -1)
     p0 = tl.load(cu + lo)
     n_patch = tl.load(cu + hi) - p0
     n_partners = n_patch + tl.where(S > 0, hi - lo, 0)
@@ -67,15 +72,13 @@ def _store_rows(base, values, rows, row_ok, stride_t, offs_d, D):
 
 @triton.jit
 def hier_attn_fwd_kernel(
-    Q, K, V, Out, LSE, row_seg, cu, item_rows, item_starts, item_segs, N, S, D,
+    Q, K, V, Out, LSE, row_seg, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, n_partners = _item(
-        item_rows, item_starts, item_segs, row_seg, cu, pid, S, BLOCK_M
-    )
+    rows, row_ok, seg_q, p0, n_patch, lo, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
@@ -104,16 +107,14 @@ def hier_attn_fwd_kernel(
 
 @triton.jit
 def hier_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, row_seg, cu, item_rows, item_starts, item_segs, N, S, D,
+    Q, K, V, DO, LSE, DELTA, DK, DV, row_seg, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # The item's rows are the keys here; their partners are the queries that attend to them.
     pid, head = tl.program_id(0), tl.program_id(1)
-    cols, col_ok, seg_k, p0, n_patch, lo, n_partners = _item(
-        item_rows, item_starts, item_segs, row_seg, cu, pid, S, BLOCK_M
-    )
+    cols, col_ok, seg_k, p0, n_patch, lo, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     Q += head * stride_qh
     DO += head * stride_doh
@@ -144,15 +145,13 @@ def hier_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def hier_attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, row_seg, cu, item_rows, item_starts, item_segs, N, S, D,
+    Q, K, V, DO, LSE, DELTA, DQ, row_seg, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, n_partners = _item(
-        item_rows, item_starts, item_segs, row_seg, cu, pid, S, BLOCK_M
-    )
+    rows, row_ok, seg_q, p0, n_patch, lo, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
@@ -224,20 +223,18 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def hier_attn_forward(
-    q, k, v, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows: int, block_m: int, scale: float
-):
+def hier_attn_forward(q, k, v, row_seg, cu, items, num_class_rows: int, block_m: int, scale: float):
     """``(out, lse)``: attention output like ``q`` (contiguous) and base-2 LSE ``(heads, rows)``;
-    the ``item_*`` tensors are a ``TileSchedule`` of item height ``block_m`` on the device."""
+    ``items`` is a ``TileSchedule`` of item height ``block_m`` on the device."""
     import torch
 
     rows, heads, dim = q.shape
     n = rows - num_class_rows
     out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
-    grid = (item_starts.numel() - 1, heads)
+    grid = (items.numel() // 4, heads)
     _kernel("fwd", hier_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, row_seg, cu, item_rows, item_starts, item_segs, n, num_class_rows, dim,
+        q, k, v, out, lse, row_seg, cu, items, n, num_class_rows, dim,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
         BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m),
@@ -246,8 +243,7 @@ def hier_attn_forward(
 
 
 def hier_attn_backward(
-    grad_out, q, k, v, out, lse, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows: int,
-    block_m: int, scale: float,
+    grad_out, q, k, v, out, lse, row_seg, cu, items, num_class_rows: int, block_m: int, scale: float
 ):
     """``(dq, dk, dv)`` for :func:`hier_attn_forward`'s output gradient ``grad_out``."""
     import torch
@@ -258,10 +254,10 @@ def hier_attn_backward(
     dq = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    grid = (item_starts.numel() - 1, heads)
+    grid = (items.numel() // 4, heads)
     common = dict(BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m))
     inputs = (q, k, v, grad_out, lse, delta)
-    schedule = (row_seg, cu, item_rows, item_starts, item_segs, n, num_class_rows, dim)
+    schedule = (row_seg, cu, items, n, num_class_rows, dim)
     strides = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1),

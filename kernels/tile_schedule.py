@@ -1,51 +1,50 @@
 """The tile schedule of the hierarchical attention kernels: which rows each program owns and
 which segments' rows it visits, built once per (layout, level) on the host and cached there.
 
-A work item is at most ``block_m`` rows (patch rows and class-token rows, in any order) of the
-consecutive segments ``lo..hi-1``; its partners are all rows of those segments: the patch rows
+In a segment's own order (its patch rows, then its class row when there are class rows), a work
+item takes the same window of every segment ``lo..hi-1``: ``count`` rows starting ``from_end``
+rows before the segment's end. Its partners are all rows of those segments: the patch rows
 ``cu[lo]..cu[hi]``, then the class rows ``N + lo..N + hi``, visited ``block_n`` at a time and
 masked by segment id. Every row belongs to exactly one item, so the forward, the query-side
 backward and (the relation being symmetric) the key-side backward all run one program per item
 and write each row once.
 
-The rule: a segment's rows (its class row last) fill whole ``block_m`` items; what is left, the
-segment's tail, shares an item with the previous segments' tails when that visits no more score
-entries than separate items would. So short segments share tiles, long ones keep full tiles, and
-a class row rides in its segment's last item, whose key tiles already cover the class column.
-No GPU is needed to count the work: :meth:`TileSchedule.visited` is what the kernels execute.
+The rule: a segment's rows fill whole ``block_m`` items from its start; what is left, the
+segment's tail, shares an item with the tails of neighbouring segments of the same size (which
+never visits more score entries than separate items: ``ceil(a + b) <= ceil(a) + ceil(b)``). So
+short segments share tiles, long ones keep full tiles, and a class row rides in its segment's
+last item, whose key tiles already cover the class column. Items are described, not listed row
+by row: building a schedule costs NumPy work per item, not per token.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 MODEL_BLOCK_N = 64
-"""Key-tile width the schedule's merge decisions and the work counts assume."""
+"""Key-tile width the work counts assume."""
 
 
 @dataclass(frozen=True)
 class TileSchedule:
-    """``starts`` (items + 1) index ``rows`` (every row once, grouped by item); ``segments``
-    ``(items, 2)`` holds each item's segment range ``lo, hi`` (``hi`` exclusive)."""
+    """``items`` ``(items, 4)``: each item's segment range ``lo, hi`` (``hi`` exclusive), and the
+    window ``from_end, count`` it takes of each of those segments (``count * (hi - lo)`` rows)."""
 
     block_m: int
-    rows: np.ndarray
-    starts: np.ndarray
-    segments: np.ndarray
+    items: np.ndarray
     cu: np.ndarray
     class_rows: bool
     device_arrays: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_items(self) -> int:
-        return len(self.segments)
+        return len(self.items)
 
     def partner_counts(self) -> np.ndarray:
         """Rows each item visits as partners (patch rows of its segments, then class rows)."""
-        lo, hi = self.segments[:, 0], self.segments[:, 1]
+        lo, hi = self.items[:, 0], self.items[:, 1]
         return self.cu[hi] - self.cu[lo] + (hi - lo) * int(self.class_rows)
 
     def visited(self, block_n: int = MODEL_BLOCK_N) -> int:
@@ -67,66 +66,51 @@ class TileSchedule:
         without = build_schedule(self.cu, False, self.block_m).visited(block_n)
         return (visited - without) / visited if visited else 0.0
 
-    def on(self, device) -> tuple:
-        """``(rows, starts, segments)`` as int32 tensors on ``device`` (moved once, then cached)."""
+    def rows(self, item: int) -> np.ndarray:
+        """The rows of one item, as the kernels compute them (for tests and inspection)."""
+        lo, hi, from_end, count = (int(x) for x in self.items[item])
+        segments = np.repeat(np.arange(lo, hi), count)
+        lengths = self.cu[segments + 1] - self.cu[segments]
+        offsets = lengths + int(self.class_rows) - from_end + np.tile(np.arange(count), hi - lo)
+        return np.where(offsets < lengths, self.cu[segments] + offsets, int(self.cu[-1]) + segments)
+
+    def on(self, device):
+        """``items`` as a flat int32 tensor on ``device`` (moved once, then cached)."""
         import torch
 
         key = str(device)
         if key not in self.device_arrays:
-            self.device_arrays[key] = tuple(
-                torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
-                for a in (self.rows, self.starts, self.segments.reshape(-1))
-            )
+            flat = np.ascontiguousarray(self.items.reshape(-1), dtype=np.int32)
+            self.device_arrays[key] = torch.from_numpy(flat).to(device)
         return self.device_arrays[key]
-
-
-def _item_cost(cu: np.ndarray, lo: int, hi: int, class_rows: bool, block_m: int) -> int:
-    partners = int(cu[hi] - cu[lo]) + (hi - lo) * int(class_rows)
-    return block_m * MODEL_BLOCK_N * math.ceil(partners / MODEL_BLOCK_N)
 
 
 def build_schedule(cu: np.ndarray, class_rows: bool, block_m: int) -> TileSchedule:
     """The schedule for segments with patch-row boundaries ``cu`` (host, ``segments + 1``),
     each followed by one class row when ``class_rows``."""
     cu = np.asarray(cu, dtype=np.int64)
-    n, segments = int(cu[-1]), len(cu) - 1
-    rows: list[np.ndarray] = []
-    starts, ranges = [0], []
+    segments = len(cu) - 1
+    size = np.diff(cu) + int(class_rows)
+    full = size // block_m
 
-    def emit(chunk: np.ndarray, lo: int, hi: int) -> None:
-        rows.append(chunk)
-        starts.append(starts[-1] + len(chunk))
-        ranges.append((lo, hi))
+    # Whole items: block_m rows of one segment, from its start.
+    owner = np.repeat(np.arange(segments), full)
+    index = np.arange(len(owner)) - np.repeat(np.cumsum(full) - full, full)
+    whole = np.stack([owner, owner + 1, size[owner] - index * block_m, np.full(len(owner), block_m)], axis=1)
 
-    tail: tuple[list[np.ndarray], int, int, int] | None = None  # chunks, size, lo, hi
-    for s in range(segments):
-        own = np.arange(cu[s], cu[s + 1], dtype=np.int64)
-        if class_rows:
-            own = np.append(own, n + s)
-        full = len(own) // block_m
-        for f in range(full):
-            emit(own[f * block_m : (f + 1) * block_m], s, s + 1)
-        rest = own[full * block_m :]
-        if not len(rest):
-            continue
-        if tail is not None:
-            chunks, size, lo, hi = tail
-            fits = size + len(rest) <= block_m
-            merged = _item_cost(cu, lo, s + 1, class_rows, block_m)
-            apart = _item_cost(cu, lo, hi, class_rows, block_m)
-            apart += _item_cost(cu, s, s + 1, class_rows, block_m)
-            if fits and merged <= apart:
-                tail = ([*chunks, rest], size + len(rest), lo, s + 1)
-                continue
-            emit(np.concatenate(chunks), lo, hi)
-        tail = ([rest], len(rest), s, s + 1)
-    if tail is not None:
-        emit(np.concatenate(tail[0]), tail[2], tail[3])
+    # Tails: runs of neighbouring segments with tails of one size share items, block_m // size each.
+    tail = size - full * block_m
+    owners = np.flatnonzero(tail)
+    tails = tail[owners]
+    new_run = np.ones(len(owners), dtype=bool)
+    new_run[1:] = (np.diff(owners) != 1) | (np.diff(tails) != 0)
+    position = np.arange(len(owners)) - np.flatnonzero(new_run)[np.cumsum(new_run) - 1]
+    firsts = np.flatnonzero(new_run | (position % (block_m // np.maximum(tails, 1)) == 0))
+    lasts = np.append(firsts[1:], len(owners)) - 1
+    shared = np.stack([owners[firsts], owners[lasts] + 1, tails[firsts], tails[firsts]], axis=1)
     return TileSchedule(
         block_m=block_m,
-        rows=np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
-        starts=np.asarray(starts, dtype=np.int64),
-        segments=np.asarray(ranges, dtype=np.int64).reshape(-1, 2),
+        items=np.concatenate([whole, shared]).astype(np.int64).reshape(-1, 4),
         cu=cu,
         class_rows=class_rows,
     )

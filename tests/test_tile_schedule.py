@@ -22,8 +22,8 @@ def covered_pairs(schedule) -> np.ndarray:
     segment_of = np.concatenate([np.repeat(np.arange(segments), np.diff(cu)), np.arange(segments)])[:rows]
     counts = np.zeros((rows, rows), dtype=np.int16)
     for item in range(schedule.num_items):
-        own = schedule.rows[schedule.starts[item] : schedule.starts[item + 1]]
-        lo, hi = schedule.segments[item]
+        own = schedule.rows(item)
+        lo, hi = schedule.items[item, :2]
         partners = np.arange(cu[lo], cu[hi])
         if schedule.class_rows:
             partners = np.concatenate([partners, n + np.arange(lo, hi)])
@@ -38,7 +38,8 @@ def covered_pairs(schedule) -> np.ndarray:
 def test_every_same_segment_pair_exactly_once(lengths, class_rows, block_m):
     cu = np.concatenate([[0], np.cumsum(lengths)])
     schedule = build_schedule(cu, class_rows, block_m)
-    assert sorted(schedule.rows.tolist()) == list(range(len(schedule.rows)))  # every row in one item
+    rows = np.concatenate([schedule.rows(i) for i in range(schedule.num_items)])
+    assert sorted(rows.tolist()) == list(range(len(rows)))  # every row in exactly one item
     counts, segment_of = covered_pairs(schedule)
     same = segment_of[:, None] == segment_of[None, :]
     assert (counts[same] == 1).all() and (counts[~same] == 0).all()
@@ -48,10 +49,10 @@ def test_every_same_segment_pair_exactly_once(lengths, class_rows, block_m):
 
 def test_long_segments_keep_full_tiles_and_short_ones_share():
     long = build_schedule(np.array([0, 300]), True, 64)  # 301 rows: 4 full items and a tail of 45
-    assert np.diff(long.starts).tolist() == [64, 64, 64, 64, 45]
-    assert long.rows[-1] == 300  # the class row rides in its segment's last item
+    assert [len(long.rows(i)) for i in range(long.num_items)] == [64, 64, 64, 64, 45]
+    assert long.rows(4)[-1] == 300  # the class row rides in its segment's last item
     short = build_schedule(np.arange(0, 5 * 10 + 1, 10), True, 64)  # 5 segments of 10 + class row
-    assert short.num_items == 1 and short.segments.tolist() == [[0, 5]]
+    assert short.num_items == 1 and short.items[0, :2].tolist() == [0, 5]
 
 
 def test_class_rows_add_little_work_at_hlip_levels():

@@ -50,16 +50,12 @@ def hier_attn_fwd(
     v: torch.Tensor,
     row_seg: torch.Tensor,
     cu: torch.Tensor,
-    item_rows: torch.Tensor,
-    item_starts: torch.Tensor,
-    item_segs: torch.Tensor,
+    items: torch.Tensor,
     num_class_rows: int,
     block_m: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().hier_attn_forward(
-        q, k, v, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m, scale
-    )
+    return _kernels().hier_attn_forward(q, k, v, row_seg, cu, items, num_class_rows, block_m, scale)
 
 
 @hier_attn_fwd.register_fake
@@ -79,14 +75,12 @@ def hier_attn_bwd(
     lse: torch.Tensor,
     row_seg: torch.Tensor,
     cu: torch.Tensor,
-    item_rows: torch.Tensor,
-    item_starts: torch.Tensor,
-    item_segs: torch.Tensor,
+    items: torch.Tensor,
     num_class_rows: int,
     block_m: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    schedule = (row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m)
+    schedule = (row_seg, cu, items, num_class_rows, block_m)
     return _kernels().hier_attn_backward(grad_out, q, k, v, out, lse, *schedule, scale)
 
 
@@ -96,23 +90,23 @@ def _(grad_out, q, *schedule_and_scalars):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_seg, cu, item_rows, item_starts, item_segs, num_class_rows, block_m, scale = inputs
+    q, k, v, row_seg, cu, items, num_class_rows, block_m, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_seg, cu, item_rows, item_starts, item_segs)
+    ctx.save_for_backward(q, k, v, out, lse, row_seg, cu, items)
     ctx.num_class_rows, ctx.block_m, ctx.scale = num_class_rows, block_m, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv = hier_attn_bwd(grad_out, *ctx.saved_tensors, ctx.num_class_rows, ctx.block_m, ctx.scale)
-    return dq, dk, dv, *(None,) * 8
+    return dq, dk, dv, *(None,) * 6
 
 
 hier_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def schedule_inputs(layout, level: str, class_tokens: bool, device: torch.device) -> tuple:
-    """The kernels' layout inputs: row segment ids, ``cu_seqlens``, the tile schedule's device
-    arrays and its item height (16 under the interpreter; on a GPU whichever of
+    """The kernels' layout inputs: row segment ids, ``cu_seqlens``, the tile schedule's items on
+    the device, and its item height (16 under the interpreter; on a GPU whichever of
     ``BLOCK_MS`` visits least for this layout and level)."""
     from hlip_fast.kernels.tile_schedule import best_schedule
 
@@ -120,7 +114,7 @@ def schedule_inputs(layout, level: str, class_tokens: bool, device: torch.device
     schedule = best_schedule(layout, level, class_tokens, heights)
     row_seg = layout.row_segment_ids(level, class_tokens)
     cu = layout.level(level).cu_seqlens
-    return (row_seg, cu, *schedule.on(device)), schedule.block_m
+    return (row_seg, cu, schedule.on(device)), schedule.block_m
 
 
 def triton_attention(call: AttentionCall) -> torch.Tensor:
