@@ -8,13 +8,14 @@ batch on the host (NumPy) and moved to the device once; every block of the model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+T = TypeVar("T")
 LEVELS: tuple[str, ...] = ("slice", "scan", "study")
 """Attention levels, from finest to coarsest. Segments nest: slice ⊂ scan ⊂ study."""
 
@@ -197,20 +198,28 @@ class Layout:
             num_tokens=self.num_tokens,
         )
 
+    def cached(self, key: tuple, build: Callable[[], T]) -> T:
+        """``build()``, once per ``key`` for this layout: the one place where backends and kernels
+        keep what they derive from a layout (plans, masks, schedules), so every block of a step
+        shares it and it goes away with the layout."""
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
     def row_segment_ids(self, level: str, class_tokens: bool) -> torch.Tensor:
         """Segment id (int32) of every row of a level's packed tensor.
 
         Rows are the patch tokens, then, with ``class_tokens``, one class-token copy per segment.
         """
-        key = ("row_segment_ids", level, class_tokens)
-        if key not in self.cache:
+
+        def build() -> torch.Tensor:
             lv = self.level(level)
-            ids = lv.segment_ids
-            if class_tokens:
-                copies = torch.arange(lv.num_segments, dtype=ids.dtype, device=ids.device)
-                ids = torch.cat([ids, copies])
-            self.cache[key] = ids
-        return self.cache[key]
+            if not class_tokens:
+                return lv.segment_ids
+            copies = torch.arange(lv.num_segments, dtype=lv.segment_ids.dtype, device=lv.segment_ids.device)
+            return torch.cat([lv.segment_ids, copies])
+
+        return self.cached(("row_segment_ids", level, class_tokens), build)
 
     def describe(self) -> dict[str, dict[str, float]]:
         """Per-level segment statistics: count, min, median, mean and max length."""

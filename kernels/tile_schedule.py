@@ -106,7 +106,7 @@ def build_schedule(cu: np.ndarray, class_rows: bool, block_m: int) -> TileSchedu
     new_run[1:] = (np.diff(owners) != 1) | (np.diff(tails) != 0)
     position = np.arange(len(owners)) - np.flatnonzero(new_run)[np.cumsum(new_run) - 1]
     firsts = np.flatnonzero(new_run | (position % (block_m // np.maximum(tails, 1)) == 0))
-    lasts = np.append(firsts[1:], len(owners)) - 1
+    lasts = np.append(firsts[1:], len(owners))[: len(firsts)] - 1  # empty when no segment has a tail
     shared = np.stack([owners[firsts], owners[lasts] + 1, tails[firsts], tails[firsts]], axis=1)
     return TileSchedule(
         block_m=block_m,
@@ -118,19 +118,18 @@ def build_schedule(cu: np.ndarray, class_rows: bool, block_m: int) -> TileSchedu
 
 def layout_schedule(layout, level: str, class_rows: bool, block_m: int) -> TileSchedule:
     """The schedule of ``layout``'s ``level``, built once and kept in the layout's cache."""
-    key = ("tile_schedule", level, class_rows, block_m)
-    if key not in layout.cache:
-        seqlens = layout.level(level).seqlens
-        cu = np.concatenate([[0], np.cumsum(seqlens)])
-        layout.cache[key] = build_schedule(cu, class_rows, block_m)
-    return layout.cache[key]
+    def build() -> TileSchedule:
+        cu = np.concatenate([[0], np.cumsum(layout.level(level).seqlens)])
+        return build_schedule(cu, class_rows, block_m)
+
+    return layout.cached(("tile_schedule", level, class_rows, block_m), build)
 
 
 def best_schedule(layout, level: str, class_rows: bool, heights: tuple[int, ...]) -> TileSchedule:
     """Of the schedules with item heights ``heights``, the one that visits the fewest score
     entries (the first on a tie); cached in the layout like each candidate."""
-    key = ("best_tile_schedule", level, class_rows, heights)
-    if key not in layout.cache:
+    def build() -> TileSchedule:
         candidates = [layout_schedule(layout, level, class_rows, h) for h in heights]
-        layout.cache[key] = min(candidates, key=lambda schedule: schedule.visited())
-    return layout.cache[key]
+        return min(candidates, key=lambda schedule: schedule.visited())
+
+    return layout.cached(("best_tile_schedule", level, class_rows, heights), build)

@@ -268,3 +268,28 @@ def test_auto_follows_the_measured_table(caplog, rng):
         assert select_backend(q, k, v, layout, "scan") == "flex"  # forward: ranked first
         grads = [t.requires_grad_() for t in (q, k, v)]
         assert select_backend(*grads, layout, "scan") == "sdpa"  # flex has no CPU backward
+
+
+def test_backend_support_is_data_checked_in_one_place():
+    from hlip_fast.attention.dispatch import AttentionCall, DeviceSupport, Support, unsupported_reason
+
+    layout = Layout.build([(1, 2, 2)], [1])
+
+    def call(dim=16, dtype=torch.float32, grad=False):
+        q = torch.zeros(4, 1, dim, dtype=dtype, requires_grad=grad)
+        return AttentionCall(q, q, q, layout, "scan", 1.0, False)
+
+    support = Support(
+        {"cpu": DeviceSupport((torch.float32,), head_dims=(8, 64), head_dim_multiple=8, backward=False)}
+    )
+    assert unsupported_reason(support, call()) is None
+    assert unsupported_reason(support, call(dim=12)) == "head_dim 12 outside 8..64, a multiple of 8 on cpu"
+    assert "dtype torch.float16 not supported on cpu" in unsupported_reason(
+        support, call(dtype=torch.float16)
+    )
+    assert unsupported_reason(support, call(grad=True)).startswith("backward runs only on no device")
+    cuda_only = Support({"cuda": DeviceSupport((torch.float32,))}, hint="try the interpreter")
+    assert unsupported_reason(cuda_only, call()) == "needs CUDA; got cpu (try the interpreter)"
+    assert unsupported_reason(
+        Support({"any": DeviceSupport((torch.float32,))}, missing="no module"), call()
+    ) == ("no module")

@@ -53,6 +53,8 @@ def test_long_segments_keep_full_tiles_and_short_ones_share():
     assert long.rows(4)[-1] == 300  # the class row rides in its segment's last item
     short = build_schedule(np.arange(0, 5 * 10 + 1, 10), True, 64)  # 5 segments of 10 + class row
     assert short.num_items == 1 and short.items[0, :2].tolist() == [0, 5]
+    exact = build_schedule(np.array([0, 16, 32]), False, 16)  # whole items only, no tail anywhere
+    assert exact.items.tolist() == [[0, 1, 16, 16], [1, 2, 16, 16]]
 
 
 def test_class_rows_add_little_work_at_hlip_levels():

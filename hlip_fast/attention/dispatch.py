@@ -1,8 +1,9 @@
 """``hier_attention``: one operation, several backends, one dispatcher.
 
-Each backend declares what it supports through ``unsupported_reason``; the dispatcher runs the
-requested backend or, for ``"auto"``, the first supported one in the measured ranking of
-:mod:`hlip_fast.attention.auto`. When none fits, the error lists every backend's reason.
+Each backend declares what it supports as data (:class:`Support`: per device type its dtypes,
+head dims and whether it has a backward), checked in one place (:func:`unsupported_reason`); the
+dispatcher runs the requested backend or, for ``"auto"``, the first supported one in the measured
+ranking of :mod:`hlip_fast.attention.auto`. When none fits, the error lists every backend's reason.
 """
 
 from __future__ import annotations
@@ -41,16 +42,65 @@ class AttentionCall:
 
 
 @dataclass(frozen=True)
-class Backend:
-    """A named implementation of hierarchical attention.
+class DeviceSupport:
+    """What a backend runs on one device type."""
 
-    ``unsupported_reason(call)`` returns ``None`` when the backend can run ``call``, else a short
-    reason; ``run(call)`` returns the output, shaped like ``call.q``.
-    """
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: tuple[int, int] = (1, 1 << 16)
+    head_dim_multiple: int = 1
+    backward: bool = True
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a backend runs: per device type (``"any"``: every device) a :class:`DeviceSupport`;
+    ``missing`` says why it cannot run here at all (an optional import failed); ``hint`` is added
+    to the reason when the device is not supported."""
+
+    devices: dict[str, DeviceSupport]
+    missing: str | None = None
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named implementation of hierarchical attention: ``run(call)`` returns the output,
+    shaped like ``call.q``; ``support()`` what it can run (a function: optional imports and the
+    Triton interpreter are looked at on first use)."""
 
     name: str
     run: Callable[[AttentionCall], torch.Tensor]
-    unsupported_reason: Callable[[AttentionCall], str | None]
+    support: Callable[[], Support]
+
+    def unsupported_reason(self, call: AttentionCall) -> str | None:
+        return unsupported_reason(self.support(), call)
+
+
+_DEVICE_NAMES = {"cuda": "CUDA", "cpu": "the CPU"}
+
+
+def unsupported_reason(support: Support, call: AttentionCall) -> str | None:
+    """``None`` when ``support`` covers ``call``, else the first reason it does not."""
+    if support.missing:
+        return support.missing
+    device = call.q.device.type
+    entry = support.devices.get(device, support.devices.get("any"))
+    if entry is None:
+        wanted = " or ".join(_DEVICE_NAMES.get(d, d) for d in support.devices)
+        return f"needs {wanted}; got {device}" + (f" ({support.hint})" if support.hint else "")
+    head_dim, (low, high) = call.q.shape[-1], entry.head_dims
+    if not low <= head_dim <= high or head_dim % entry.head_dim_multiple:
+        multiple = f", a multiple of {entry.head_dim_multiple}" if entry.head_dim_multiple > 1 else ""
+        return f"head_dim {head_dim} outside {low}..{high}{multiple} on {device}"
+    if call.q.dtype not in entry.dtypes:
+        return (
+            f"dtype {call.q.dtype} not supported on {device} (supports {', '.join(map(str, entry.dtypes))})"
+        )
+    if call.needs_grad and not entry.backward:
+        with_backward = [d for d, e in support.devices.items() if e.backward]
+        names = " or ".join(_DEVICE_NAMES.get(d, d) for d in with_backward) or "no device"
+        return f"backward runs only on {names} (the {device} path is forward-only)"
+    return None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -164,10 +214,3 @@ def _choose(call: AttentionCall, backend: str) -> Backend:
         for name, b in sorted(_BACKENDS.items())
     )
     raise RuntimeError(f"no attention backend supports this call:\n{reasons}")
-
-
-def floating_dtype_reason(call: AttentionCall, dtypes: tuple[torch.dtype, ...]) -> str | None:
-    """Shared check: ``None`` if ``call``'s dtype is one of ``dtypes``, else the reason."""
-    if call.q.dtype not in dtypes:
-        return f"dtype {call.q.dtype} not supported (supports {', '.join(map(str, dtypes))})"
-    return None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import AttentionCall, Backend, floating_dtype_reason
+from .dispatch import AttentionCall, Backend, DeviceSupport, Support
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.float32, torch.float64))})
 
 
 def reference_attention(call: AttentionCall) -> torch.Tensor:
@@ -35,5 +35,5 @@ def reference_attention(call: AttentionCall) -> torch.Tensor:
 backend = Backend(
     name="reference",
     run=reference_attention,
-    unsupported_reason=lambda call: floating_dtype_reason(call, _DTYPES),
+    support=lambda: _SUPPORT,
 )

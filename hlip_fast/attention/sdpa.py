@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dispatch import AttentionCall, Backend, floating_dtype_reason
+from .dispatch import AttentionCall, Backend, DeviceSupport, Support
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.float32, torch.float64))})
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,7 @@ class BucketPlan:
 
 def bucket_plan(call: AttentionCall) -> BucketPlan:
     """The cached plan for ``call``'s layout, level and class-token mode."""
-    key = ("sdpa_plan", call.level, call.class_tokens)
-    cache = call.layout.cache
-    if key not in cache:
-        cache[key] = _build_plan(call)
-    return cache[key]
+    return call.layout.cached(("sdpa_plan", call.level, call.class_tokens), lambda: _build_plan(call))
 
 
 def _build_plan(call: AttentionCall) -> BucketPlan:
@@ -75,5 +71,5 @@ def sdpa_attention(call: AttentionCall) -> torch.Tensor:
 backend = Backend(
     name="sdpa",
     run=sdpa_attention,
-    unsupported_reason=lambda call: floating_dtype_reason(call, _DTYPES),
+    support=lambda: _SUPPORT,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import AttentionCall, Backend, floating_dtype_reason
+from .dispatch import AttentionCall, Backend, DeviceSupport, Support
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETER_DTYPES = (torch.float16, torch.float32)
@@ -124,19 +124,15 @@ def triton_attention(call: AttentionCall) -> torch.Tensor:
     return out
 
 
-def _unsupported_reason(call: AttentionCall) -> str | None:
-    if reason := _import_error():
-        return reason
-    head_dim = call.q.shape[-1]
-    if not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
-        return f"head_dim {head_dim} outside the kernel's range {HEAD_DIMS[0]}..{HEAD_DIMS[1]}"
-    if call.q.is_cuda:
-        if _interpreted():
-            return "the kernels were built for TRITON_INTERPRET=1, which runs CPU tensors only"
-        return floating_dtype_reason(call, _DTYPES)
-    if call.q.device.type == "cpu" and _interpreted():
-        return floating_dtype_reason(call, _INTERPRETER_DTYPES)
-    return f"needs CUDA (or TRITON_INTERPRET=1 for CPU tensors); got {call.q.device.type}"
+def _support() -> Support:
+    """CUDA, or under ``TRITON_INTERPRET=1`` CPU tensors only (the interpreter's bf16 is wrong)."""
+    if missing := _import_error():
+        return Support({}, missing=missing)
+    if _interpreted():
+        hint = "the kernels were built for TRITON_INTERPRET=1, which runs CPU tensors only"
+        return Support({"cpu": DeviceSupport(_INTERPRETER_DTYPES, head_dims=HEAD_DIMS)}, hint=hint)
+    hint = "or TRITON_INTERPRET=1 for CPU tensors"
+    return Support({"cuda": DeviceSupport(_DTYPES, head_dims=HEAD_DIMS)}, hint=hint)
 
 
-backend = Backend(name="triton", run=triton_attention, unsupported_reason=_unsupported_reason)
+backend = Backend(name="triton", run=triton_attention, support=_support)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .dispatch import AttentionCall, Backend, floating_dtype_reason
+from .dispatch import AttentionCall, Backend, DeviceSupport, Support
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -35,30 +35,29 @@ class VarlenPlan:
 
 
 def varlen_plan(call: AttentionCall) -> VarlenPlan:
-    key = ("varlen_plan", call.level, call.class_tokens)
-    cache = call.layout.cache
-    if key not in cache:
-        layout, lv = call.layout, call.layout.level(call.level)
-        if not call.class_tokens:
-            plan = VarlenPlan(None, None, lv.cu_seqlens, lv.seqlens.tolist(), lv.max_seqlen)
-        else:
-            starts, seqlens = lv.starts, lv.seqlens
-            segment = np.repeat(np.arange(lv.num_segments), seqlens + 1)
-            position = np.arange(len(segment)) - np.repeat(starts + np.arange(lv.num_segments), seqlens + 1)
-            order = np.where(position == 0, layout.num_tokens + segment, starts[segment] + position - 1)
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-            cu = np.concatenate([[0], np.cumsum(seqlens + 1)]).astype(np.int32)
-            device = layout.device
-            plan = VarlenPlan(
-                order=torch.from_numpy(order).to(device),
-                inverse=torch.from_numpy(inverse).to(device),
-                cu_seqlens=torch.from_numpy(cu).to(device),
-                seqlens=(seqlens + 1).tolist(),
-                max_seqlen=lv.max_seqlen + 1,
-            )
-        cache[key] = plan
-    return cache[key]
+    """The cached plan of ``call``'s layout, level and class-token mode."""
+    return call.layout.cached(("varlen_plan", call.level, call.class_tokens), lambda: _build_plan(call))
+
+
+def _build_plan(call: AttentionCall) -> VarlenPlan:
+    layout, lv = call.layout, call.layout.level(call.level)
+    if not call.class_tokens:
+        return VarlenPlan(None, None, lv.cu_seqlens, lv.seqlens.tolist(), lv.max_seqlen)
+    starts, seqlens = lv.starts, lv.seqlens
+    segment = np.repeat(np.arange(lv.num_segments), seqlens + 1)
+    position = np.arange(len(segment)) - np.repeat(starts + np.arange(lv.num_segments), seqlens + 1)
+    order = np.where(position == 0, layout.num_tokens + segment, starts[segment] + position - 1)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    cu = np.concatenate([[0], np.cumsum(seqlens + 1)]).astype(np.int32)
+    device = layout.device
+    return VarlenPlan(
+        order=torch.from_numpy(order).to(device),
+        inverse=torch.from_numpy(inverse).to(device),
+        cu_seqlens=torch.from_numpy(cu).to(device),
+        seqlens=(seqlens + 1).tolist(),
+        max_seqlen=lv.max_seqlen + 1,
+    )
 
 
 def run_varlen(call: AttentionCall, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -89,14 +88,11 @@ def _flash_fn() -> tuple[Callable | None, str | None]:
     return (fn, None) if fn is not None else (None, f"{missing}; {missing4}")
 
 
-def _cuda_reason(call: AttentionCall, loaded: tuple[Callable | None, str | None], dtypes=_HALF) -> str | None:
-    if missing := loaded[1]:
-        return missing
-    if not call.q.is_cuda:
-        return "needs CUDA"
-    if call.q.shape[-1] % 8 or call.q.shape[-1] > 256:
-        return f"head_dim {call.q.shape[-1]} must be a multiple of 8 and at most 256"
-    return floating_dtype_reason(call, dtypes)
+def _cuda_support(loaded: tuple[Callable | None, str | None], dtypes=_HALF) -> Support:
+    """CUDA only, head dims 8..256 in steps of 8; ``missing`` when the kernel did not import."""
+    return Support(
+        {"cuda": DeviceSupport(dtypes, head_dims=(8, 256), head_dim_multiple=8)}, missing=loaded[1]
+    )
 
 
 def _call_with_supported(fn: Callable, *args, **kwargs):
@@ -154,15 +150,15 @@ def _xformers_attend(q, k, v, plan: VarlenPlan, scale: float) -> torch.Tensor:
 flash_backend = Backend(
     name="flash",
     run=lambda call: run_varlen(call, _flash_attend),
-    unsupported_reason=lambda call: _cuda_reason(call, _flash_fn()),
+    support=lambda: _cuda_support(_flash_fn()),
 )
 torch_varlen_backend = Backend(
     name="torch_varlen",
     run=lambda call: run_varlen(call, _torch_varlen_attend),
-    unsupported_reason=lambda call: _cuda_reason(call, _torch_varlen()),
+    support=lambda: _cuda_support(_torch_varlen()),
 )
 xformers_backend = Backend(
     name="xformers",
     run=lambda call: run_varlen(call, _xformers_attend),
-    unsupported_reason=lambda call: _cuda_reason(call, _xformers(), _HALF + (torch.float32,)),
+    support=lambda: _cuda_support(_xformers(), _HALF + (torch.float32,)),
 )
