@@ -345,6 +345,9 @@ def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: P
     trained = trainer.model_for_export()
     if dist.main:
         torch.save(trained.state_dict(), out / f"{tag}.pt")
+    # As hlip-train does (its export ends in a collective): no rank tears down while another is
+    # still at work; the likely cause of this test's occasional SIGABRT in rank 1.
+    D.barrier()
     D.teardown()
 
 
