@@ -75,17 +75,20 @@ def demo(path: Path, result: dict) -> str:
     )
 
 
+def _span(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}–{max(values)}"
+
+
 def encoder(path: Path, result: dict) -> str:
     c = result["config"]
     rows = []
     for r in result["results"]:
         scans, slices = r["scans_per_study"], [n for study in r["slices_per_scan"] for n in study]
-        span = lambda v: f"{min(v)}" if min(v) == max(v) else f"{min(v)}–{max(v)}"  # noqa: E731
         name = r["case"].replace("_", " ").replace("mri", "MRI")
         t, s = r["tokens"], r["median_seconds_per_study"]
         rows.append(
             [
-                f"{name}: {span(scans)} scans × {span(slices)} slices",
+                f"{name}: {_span(scans)} scans × {_span(slices)} slices",
                 f"{s['padded_hlip']:.3f}",
                 f"{s['hlip_fast']:.3f}",
                 f"{r['speedup']:.2f}×",

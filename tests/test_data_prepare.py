@@ -264,3 +264,16 @@ def test_manifest_csv_and_cli(tmp_path, capsys):
     assert prepare_main([str(tmp_path / "nowhere.txt"), str(tmp_path / "x"), "--quiet"]) == 2
     assert synth_main([str(tmp_path / "syn"), "--num-studies", "2", "--quiet"]) == 0
     assert json.loads((tmp_path / "syn" / "index.json").read_text())["num_studies"] == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-studies", "0"], "num_studies must be >= 1, got 0"),
+        (["--finding-scale", "-1"], "finding_scale must be > 0, got -1.0"),
+        (["--grid", "0", "8"], "grid sizes must be >= 1, got (0, 8)"),
+    ],
+)
+def test_synth_refuses_bad_settings_by_name(tmp_path, capsys, flags, message):
+    assert synth_main([str(tmp_path / "out"), *flags, "--quiet"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -106,11 +106,11 @@ hier_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def schedule_inputs(layout, level: str, class_tokens: bool, device: torch.device) -> tuple:
     """The kernels' layout inputs: row segment ids, ``cu_seqlens``, the tile schedule's items on
-    the device, and its item height (16 under the interpreter; on a GPU whichever of
+    the device, and its item height (``INTERPRETER_BLOCK_M`` under the interpreter; on a GPU whichever of
     ``BLOCK_MS`` visits least for this layout and level)."""
     from hlip_fast.kernels.tile_schedule import best_schedule
 
-    heights = (16,) if _interpreted() else _kernels().BLOCK_MS
+    heights = (_kernels().INTERPRETER_BLOCK_M,) if _interpreted() else _kernels().BLOCK_MS
     schedule = best_schedule(layout, level, class_tokens, heights)
     row_seg = layout.row_segment_ids(level, class_tokens)
     cu = layout.level(level).cu_seqlens

@@ -12,7 +12,7 @@ from .config import PrepareConfig
 from .manifest import ScanEntry, StudyEntry, read_manifest
 from .prepare import process_study
 from .reader import RawStudies
-from .shards import RawStudy, shard_infos
+from .shards import RawStudy, ShardInfo, shard_infos
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -49,8 +49,8 @@ def preprocessed(entries: list[StudyEntry], config: PrepareConfig, skipped: list
         yield RawStudy(entry.study_id, meta, blob, sizes, shard=str(entry.scans[0].path))
 
 
-def _shard_studies(source: Path, skipped: list[dict], on_error: str) -> Iterator[RawStudy]:
-    studies = RawStudies(source, train=False, rank=0, world_size=1, on_error=on_error)
+def _shard_studies(shards: list[ShardInfo], skipped: list[dict], on_error: str) -> Iterator[RawStudy]:
+    studies = RawStudies(shards, train=False, rank=0, world_size=1, on_error=on_error)
     yield from studies
     skipped += studies.skipped
 
@@ -84,6 +84,6 @@ def open_studies(
     if source.suffix == ".tar" or (source / "index.json").is_file():
         infos = shard_infos(source)
         total = None if any(i.keys is None for i in infos) else sum(len(i.keys) for i in infos)
-        return StudySource(_shard_studies(source, skipped, on_error), total)
+        return StudySource(_shard_studies(infos, skipped, on_error), total)  # the index is read once
     entries = read_manifest(source) if source.is_file() else folder_manifest(source)
     return StudySource(preprocessed(entries, config or PrepareConfig(), skipped), len(entries))

@@ -98,6 +98,19 @@ class SynthConfig:
             raise ValueError(
                 f"bad scan count [{self.min_scans}, {self.max_scans}] or depth range {self.depth_range}"
             )
+        problems = []
+        if self.num_studies < 1:
+            problems.append(f"num_studies must be >= 1, got {self.num_studies}")
+        if min(self.grid) < 1:
+            problems.append(f"grid sizes must be >= 1, got {tuple(self.grid)}")
+        if not self.finding_scale > 0:
+            problems.append(f"finding_scale must be > 0, got {self.finding_scale}")
+        if not 0 <= self.finding_probability <= 1:
+            problems.append(f"finding_probability must be in [0, 1], got {self.finding_probability}")
+        if not self.noise >= 0:
+            problems.append(f"noise must be >= 0, got {self.noise}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def finding_names(self) -> list[str]:
