@@ -2,7 +2,8 @@
 every figure the README shows is one a script printed and recorded.
 
 Each section sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; ``NAME`` is
-the result kind (``demo``, ``encoder``, ``attention``, ``data``, ``train``) and its newest
+the result kind (``demo``, ``encoder``, ``attention``, ``data``, ``train``, ``tile_model``,
+``layout``) and its newest
 ``bench/results/NAME_cpu_<date>.json`` fills it.
 
     python bench/readme.py            # rewrite README.md
@@ -207,6 +208,33 @@ def tile_model(path: Path, result: dict) -> str:
     )
 
 
+def layout(path: Path, result: dict) -> str:
+    c = result["config"]
+    rows = [
+        [
+            f"{r['studies']}",
+            f"{r['scans']}",
+            f"{r['tokens']:,}",
+            f"{r['layout_build_ms']:.3f}",
+            f"{r['with_schedules_ms']:.3f}",
+            " / ".join(f"{n:,}" for n in r["items"].values()),
+        ]
+        for r in result["results"]
+    ]
+    header = [
+        "studies",
+        "scans",
+        "tokens",
+        "Layout.build ms",
+        "with the schedules ms",
+        "items slice / scan / study",
+    ]
+    return (
+        f"`python bench/layout_host.py` — {_machine(result)}, medians of {c['repeats']} repeats of "
+        f"{c['calls']} calls ({_source(path)}):\n\n" + _table(header, rows) + "\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "demo": demo,
     "encoder": encoder,
@@ -214,6 +242,7 @@ RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "data": data,
     "train": train,
     "tile_model": tile_model,
+    "layout": layout,
 }
 
 

@@ -9,17 +9,12 @@ import pytest
 import torch
 from common import REPO  # noqa: F401  (puts tests/ on the path for padded_hlip)
 from encoder_cpu import packed_step, padded_step, ragged_mix
+from layout_host import brain_mri_grids, build_with_schedules
 from padded_hlip import PaddedHLIP
 
 from hlip_fast import Layout, create_model
 
 pytest.importorskip("pytest_benchmark")
-
-
-def brain_mri_grids(studies: int) -> tuple[list[tuple[int, int, int]], list[int]]:
-    depths = ragged_mix(torch.Generator().manual_seed(0), studies)
-    grids = [(-(-d // 8), 14, 14) for study in depths for d in study]
-    return grids, [len(s) for s in depths]
 
 
 @pytest.mark.parametrize("studies", [8, 64])
@@ -31,17 +26,9 @@ def test_layout_build(benchmark, studies):
 @pytest.mark.parametrize("studies", [8, 64])
 def test_layout_build_and_kernel_schedules(benchmark, studies):
     """What a training step spends on the host before the Triton kernels run: the layout and
-    the tile schedules of its three levels (both item heights tried, as the backend does)."""
-    from hlip_fast.kernels.tile_schedule import best_schedule
-
+    the tile schedules of its three levels (both item heights weighed, as the backend does)."""
     grids, scans = brain_mri_grids(studies)
-
-    def build():
-        layout = Layout.build(grids, scans)
-        for level in ("slice", "scan", "study"):
-            best_schedule(layout, level, True, (64, 128))
-
-    benchmark(build)
+    benchmark(build_with_schedules, grids, scans)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import argparse
 import numpy as np
 from common import RESULTS, write_results
 from hlip_fast.kernels.hier_attention import BLOCK_MS
-from hlip_fast.kernels.tile_schedule import best_schedule
+from hlip_fast.kernels.tile_schedule import layout_schedule
 
 from hlip_fast import Layout
 
@@ -79,7 +79,7 @@ def flex(seqlens: np.ndarray) -> int:
 
 
 def measure(layout: Layout, level: str) -> dict:
-    schedule = best_schedule(layout, level, True, BLOCK_MS)
+    schedule = layout_schedule(layout, level, True, BLOCK_MS)
     seqlens = layout.level(level).seqlens.astype(np.int64)
     useful = schedule.useful()
     return {

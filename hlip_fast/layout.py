@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,20 +32,22 @@ def check_level(level: str) -> str:
 class LevelLayout:
     """Segments of one level.
 
-    ``cu_seqlens`` (int32, segments + 1) and ``segment_ids`` (int32, one per token) live on the
-    layout's device; ``seqlens`` stays on the host so that planning code never syncs.
+    ``cu_seqlens`` (int32, segments + 1) lives on the layout's device; ``seqlens`` and
+    ``offsets`` (the same boundaries, int64) stay on the host so that planning code never syncs.
+    Nothing here is per token: per-token segment ids are made on the device when a backend asks
+    (:meth:`Layout.segment_ids`).
     """
 
     cu_seqlens: torch.Tensor
-    segment_ids: torch.Tensor
     seqlens: np.ndarray
+    offsets: np.ndarray
     max_seqlen: int
     num_segments: int
 
     @property
     def starts(self) -> np.ndarray:
         """Host offsets of the first token of each segment."""
-        return np.concatenate([[0], np.cumsum(self.seqlens)[:-1]]).astype(np.int64)
+        return self.offsets[:-1]
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class Layout:
         A slice segment is ``slice_depth`` adjacent depth-rows of one scan (the last group of a
         scan may be thinner when its depth is not a multiple of ``slice_depth``).
         """
-        grids = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+        grids = _grid_array(grids)
         scans_per_study = np.asarray(scans_per_study, dtype=np.int64)
         if slice_depth < 1:
             raise ValueError(f"slice_depth must be >= 1, got {slice_depth}")
@@ -113,22 +116,28 @@ class Layout:
         # Slice groups: ceil(d / slice_depth) per scan; the last may hold fewer depth-rows.
         groups = -(-grids[:, 0] // slice_depth)
         group_scan = np.repeat(np.arange(len(grids)), groups)
-        group_index = np.arange(groups.sum()) - np.repeat(np.cumsum(groups) - groups, groups)
-        rows = np.minimum(slice_depth, grids[group_scan, 0] - group_index * slice_depth)
-        slice_seqlens = rows * grids[group_scan, 1] * grids[group_scan, 2]
+        in_plane = grids[:, 1] * grids[:, 2]
+        slice_seqlens = np.repeat(slice_depth * in_plane, groups)
+        slice_seqlens[np.cumsum(groups) - 1] = (grids[:, 0] - (groups - 1) * slice_depth) * in_plane
         study_seqlens = np.add.reduceat(scan_tokens, study_offsets[:-1])
         seqlens = {"slice": slice_seqlens, "scan": scan_tokens, "study": study_seqlens}
 
+        # Each fine segment's coarse segment, and each coarse segment's number of fine ones.
+        parent = {
+            ("slice", "scan"): group_scan,
+            ("slice", "study"): scan_study[group_scan],
+            ("scan", "study"): scan_study,
+        }
+        count = {
+            ("slice", "scan"): groups,
+            ("slice", "study"): np.add.reduceat(groups, study_offsets[:-1]),
+            ("scan", "study"): scans_per_study,
+        }
+
         device = torch.device(device)
         levels = {name: _level_layout(seqlens[name], device) for name in LEVELS}
-        parents, child_counts = {}, {}
-        for i, fine in enumerate(LEVELS):
-            for coarse in LEVELS[i + 1 :]:
-                coarse_ends = np.cumsum(seqlens[coarse])
-                parent = np.searchsorted(coarse_ends, levels[fine].starts, side="right")
-                counts = np.bincount(parent, minlength=levels[coarse].num_segments)
-                parents[fine, coarse] = torch.from_numpy(parent).to(device)
-                child_counts[fine, coarse] = torch.from_numpy(counts).to(device)
+        parents = {pair: torch.from_numpy(ids).to(device) for pair, ids in parent.items()}
+        child_counts = {pair: torch.from_numpy(n).to(device) for pair, n in count.items()}
         return cls(
             grids=grids,
             scan_study=scan_study,
@@ -178,8 +187,8 @@ class Layout:
         levels = {
             name: LevelLayout(
                 cu_seqlens=move(lv.cu_seqlens),
-                segment_ids=move(lv.segment_ids),
                 seqlens=lv.seqlens,
+                offsets=lv.offsets,
                 max_seqlen=lv.max_seqlen,
                 num_segments=lv.num_segments,
             )
@@ -206,20 +215,20 @@ class Layout:
             self.cache[key] = build()
         return self.cache[key]
 
-    def row_segment_ids(self, level: str, class_tokens: bool) -> torch.Tensor:
-        """Segment id (int32) of every row of a level's packed tensor.
+    def segment_ids(self, level: str, class_tokens: bool = False) -> torch.Tensor:
+        """Segment id (int32) of every row of a level's packed tensor, made on the layout's
+        device from ``cu_seqlens`` (no host work per token) and cached.
 
         Rows are the patch tokens, then, with ``class_tokens``, one class-token copy per segment.
         """
 
         def build() -> torch.Tensor:
             lv = self.level(level)
-            if not class_tokens:
-                return lv.segment_ids
-            copies = torch.arange(lv.num_segments, dtype=lv.segment_ids.dtype, device=lv.segment_ids.device)
-            return torch.cat([lv.segment_ids, copies])
+            segments = torch.arange(lv.num_segments, dtype=torch.int32, device=self.device)
+            ids = torch.repeat_interleave(segments, lv.cu_seqlens.diff(), output_size=self.num_tokens)
+            return torch.cat([ids, segments]) if class_tokens else ids
 
-        return self.cached(("row_segment_ids", level, class_tokens), build)
+        return self.cached(("segment_ids", level, class_tokens), build)
 
     def describe(self) -> dict[str, dict[str, float]]:
         """Per-level segment statistics: count, min, median, mean and max length."""
@@ -236,14 +245,24 @@ class Layout:
         return stats
 
 
+def _grid_array(grids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+    """``(scans, 3)`` int64 from an array or a sequence of ``(d, h, w)`` (read flat through
+    ``np.fromiter``: half the time of ``np.asarray`` on a list of tuples, which a step pays)."""
+    if isinstance(grids, np.ndarray):
+        return grids.astype(np.int64, copy=False).reshape(-1, 3)
+    bad = next((i for i, grid in enumerate(grids) if len(grid) != 3), None)
+    if bad is not None:
+        raise ValueError(f"scan {bad}: a patch grid is 3 sizes (d, h, w), got {tuple(grids[bad])}")
+    return np.fromiter(chain.from_iterable(grids), dtype=np.int64, count=3 * len(grids)).reshape(-1, 3)
+
+
 def _level_layout(seqlens: np.ndarray, device: torch.device) -> LevelLayout:
-    seqlens = seqlens.astype(np.int64)
-    cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
-    ids = np.repeat(np.arange(len(seqlens), dtype=np.int32), seqlens)
+    offsets = np.zeros(len(seqlens) + 1, dtype=np.int64)
+    np.cumsum(seqlens, out=offsets[1:])
     return LevelLayout(
-        cu_seqlens=torch.from_numpy(cu).to(device),
-        segment_ids=torch.from_numpy(ids).to(device),
+        cu_seqlens=torch.from_numpy(offsets.astype(np.int32)).to(device),
         seqlens=seqlens,
+        offsets=offsets,
         max_seqlen=int(seqlens.max()),
         num_segments=len(seqlens),
     )

@@ -1,16 +1,16 @@
 """Block-sparse flash attention over packed ragged segments (forward and backward).
 
 Rows of ``q``, ``k``, ``v`` (``(rows, heads, head_dim)``, any strides) are the ``N`` patch rows
-of a level's layout followed by ``S`` class-token rows, one per segment. ``row_seg`` (int32,
-``rows``) gives every row's segment; ``cu`` (int32, ``S + 1``) the patch-row boundaries. Two rows
-attend to each other exactly when their segments match.
+of a level's layout followed by ``S`` class-token rows, one per segment; ``cu`` (int32, ``S + 1``)
+gives the patch-row boundaries. Two rows attend to each other exactly when their segments match.
 
 The work follows a tile schedule (``tile_schedule.py``): each program owns one work item of one
 head, at most ``BLOCK_M`` rows of the consecutive segments ``lo..hi-1`` (the same window of each,
 described by ``items``), and visits their partners, the patch rows ``cu[lo]..cu[hi]`` then the
-class rows ``N + lo..N + hi``, ``BLOCK_N`` at a time, masked by segment id. Every row is in one item, so the
-forward, the query-side and (the relation being symmetric) the key-side backward each write a
-row once.
+class rows ``N + lo..N + hi``, ``BLOCK_N`` at a time, masked by segment. The segments of an item
+have one length, so a partner's segment is arithmetic and no per-token ids are read. Every row
+is in one item, so the forward, the query-side and (the relation being symmetric) the key-side
+backward each write a row once.
 
 Softmax runs in base 2 with fp32 accumulation; the forward saves the base-2 log-sum-exp.
 Written against the triton 3.6 API, without ``tl.make_block_ptr`` (gone in 3.9).
@@ -29,11 +29,13 @@ LOG2E = 1.4426950408889634
 def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr):
     """Item ``pid``: its rows (``count`` rows of each segment ``lo..hi-1``, ``from_end`` rows
     before the segment's end, class row last), their mask and segments, and its partners
-    (first patch row, number of patch rows, first segment, number of partner rows)."""
-    lo = tl.load(items + 4 * pid)
-    hi = tl.load(items + 4 * pid + 1)
-    from_end = tl.load(items + 4 * pid + 2)
-    count = tl.load(items + 4 * pid + 3)
+    (first patch row, number of patch rows, first segment, patch rows per segment, number of
+    partner rows)."""
+    num_items = tl.num_programs(0)  # items are stored field by field: (4, num_items)
+    lo = tl.load(items + pid)
+    hi = tl.load(items + num_items + pid)
+    from_end = tl.load(items + 2 * num_items + pid)
+    count = tl.load(items + 3 * num_items + pid)
     idx = tl.arange(0, BLOCK_M)
     ok = idx < (hi - lo) * count
     seg = lo + idx // count
@@ -45,17 +47,20 @@ def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr):
     p0 = tl.load(cu + lo)
     n_patch = tl.load(cu + hi) - p0
     n_partners = n_patch + tl.where(S > 0, hi - lo, 0)
-    return rows, ok, seg, p0, n_patch, lo, n_partners
+    seg_len = tl.maximum(n_patch // (hi - lo), 1)
+    return rows, ok, seg, p0, n_patch, lo, seg_len, n_partners
 
 
 @triton.jit
-def _partners(row_seg, start, p0, n_patch, lo, n_partners, N, BLOCK_N: tl.constexpr):
-    """Partner rows ``start..start+BLOCK_N`` of an item: its patch rows, then its class rows."""
+def _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N: tl.constexpr):
+    """Partner rows ``start..start+BLOCK_N`` of an item (its patch rows, then its class rows),
+    their mask and their segments (-2 where masked)."""
     j = start + tl.arange(0, BLOCK_N)
     ok = j < n_partners
-    cols = tl.where(j < n_patch, p0 + j, N + lo + j - n_patch)
-    seg = tl.load(row_seg + cols, mask=ok, other=-2)
-    return cols, ok, seg
+    patch = j < n_patch
+    cols = tl.where(patch, p0 + j, N + lo + j - n_patch)
+    seg = tl.where(patch, lo + j // seg_len, lo + j - n_patch)
+    return cols, ok, tl.where(ok, seg, -2)
 
 
 @triton.jit
@@ -72,13 +77,13 @@ def _store_rows(base, values, rows, row_ok, stride_t, offs_d, D):
 
 @triton.jit
 def hier_attn_fwd_kernel(
-    Q, K, V, Out, LSE, row_seg, cu, items, N, S, D,
+    Q, K, V, Out, LSE, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    qk_scale,
+    qk_scale, length_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
+    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
@@ -88,7 +93,7 @@ def hier_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
-        cols, col_ok, seg_k = _partners(row_seg, start, p0, n_patch, lo, n_partners, N, BLOCK_N)
+        cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
         k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
@@ -107,14 +112,14 @@ def hier_attn_fwd_kernel(
 
 @triton.jit
 def hier_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, row_seg, cu, items, N, S, D,
+    Q, K, V, DO, LSE, DELTA, DK, DV, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, qk_scale, sm_scale,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, qk_scale, sm_scale, length_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # The item's rows are the keys here; their partners are the queries that attend to them.
     pid, head = tl.program_id(0), tl.program_id(1)
-    cols, col_ok, seg_k, p0, n_patch, lo, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
+    cols, col_ok, seg_k, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     Q += head * stride_qh
     DO += head * stride_doh
@@ -126,7 +131,7 @@ def hier_attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
-        rows, row_ok, seg_q = _partners(row_seg, start, p0, n_patch, lo, n_partners, N, BLOCK_N)
+        rows, row_ok, seg_q = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
         q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, D)
         do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, D)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
@@ -145,13 +150,13 @@ def hier_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def hier_attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, row_seg, cu, items, N, S, D,
+    Q, K, V, DO, LSE, DELTA, DQ, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
+    stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, length_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
+    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
@@ -162,7 +167,7 @@ def hier_attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
-        cols, col_ok, seg_k = _partners(row_seg, start, p0, n_patch, lo, n_partners, N, BLOCK_N)
+        cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
         k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
         v = _load_rows(V, cols, col_ok, stride_vt, offs_d, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -200,11 +205,12 @@ _tuned: dict[str, object] = {}
 
 def _kernel(name: str, kernel):
     """``kernel`` itself when interpreting; else its autotuned version, keyed on item height,
-    head dim and precision."""
+    head dim, precision and the schedule's segment-length bucket (triton adds the tensors'
+    dtypes to the key), so a level of short segments and one of long segments tune apart."""
     if INTERPRETED:
         return kernel
     if name not in _tuned:
-        key = ["BLOCK_M", "BLOCK_D", "PRECISION"]
+        key = ["BLOCK_M", "BLOCK_D", "PRECISION", "length_bucket"]
         _tuned[name] = triton.autotune(configs=_autotune_configs(), key=key)(kernel)
     return _tuned[name]
 
@@ -223,9 +229,11 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def hier_attn_forward(q, k, v, row_seg, cu, items, num_class_rows: int, block_m: int, scale: float):
+def hier_attn_forward(
+    q, k, v, cu, items, num_class_rows: int, block_m: int, length_bucket: int, scale: float
+):
     """``(out, lse)``: attention output like ``q`` (contiguous) and base-2 LSE ``(heads, rows)``;
-    ``items`` is a ``TileSchedule`` of item height ``block_m`` on the device."""
+    ``items``, ``block_m`` and ``length_bucket`` come from a ``TileSchedule`` (items on the device)."""
     import torch
 
     rows, heads, dim = q.shape
@@ -234,16 +242,17 @@ def hier_attn_forward(q, k, v, row_seg, cu, items, num_class_rows: int, block_m:
     lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
     grid = (items.numel() // 4, heads)
     _kernel("fwd", hier_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, row_seg, cu, items, n, num_class_rows, dim,
+        q, k, v, out, lse, cu, items, n, num_class_rows, dim,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
+        out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, length_bucket,
         BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m),
     )
     return out, lse
 
 
 def hier_attn_backward(
-    grad_out, q, k, v, out, lse, row_seg, cu, items, num_class_rows: int, block_m: int, scale: float
+    grad_out, q, k, v, out, lse, cu, items,
+    num_class_rows: int, block_m: int, length_bucket: int, scale: float,
 ):
     """``(dq, dk, dv)`` for :func:`hier_attn_forward`'s output gradient ``grad_out``."""
     import torch
@@ -257,17 +266,17 @@ def hier_attn_backward(
     grid = (items.numel() // 4, heads)
     common = dict(BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m))
     inputs = (q, k, v, grad_out, lse, delta)
-    schedule = (row_seg, cu, items, n, num_class_rows, dim)
+    schedule = (cu, items, n, num_class_rows, dim)
     strides = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1),
     )
     _kernel("dkdv", hier_attn_bwd_dkdv_kernel)[grid](
         *inputs, dk, dv, *schedule, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), scale * LOG2E, scale, **common,
+        lse.stride(0), scale * LOG2E, scale, length_bucket, **common,
     )
     _kernel("dq", hier_attn_bwd_dq_kernel)[grid](
         *inputs, dq, *schedule, *strides, dq.stride(0), dq.stride(1), lse.stride(0), scale * LOG2E, scale,
-        **common,
+        length_bucket, **common,
     )
     return dq, dk, dv

@@ -4,38 +4,97 @@ which segments' rows it visits, built once per (layout, level) on the host and c
 In a segment's own order (its patch rows, then its class row when there are class rows), a work
 item takes the same window of every segment ``lo..hi-1``: ``count`` rows starting ``from_end``
 rows before the segment's end. Its partners are all rows of those segments: the patch rows
-``cu[lo]..cu[hi]``, then the class rows ``N + lo..N + hi``, visited ``block_n`` at a time and
-masked by segment id. Every row belongs to exactly one item, so the forward, the query-side
-backward and (the relation being symmetric) the key-side backward all run one program per item
-and write each row once.
+``cu[lo]..cu[hi]``, then the class rows ``N + lo..N + hi``, visited ``block_n`` at a time. The
+segments of one item all have the same length, so a kernel finds a partner's segment by
+arithmetic (``lo + j // length``) and needs no per-token segment ids. Every row belongs to
+exactly one item, so the forward, the query-side backward and (the relation being symmetric)
+the key-side backward all run one program per item and write each row once.
 
 The rule: a segment's rows fill whole ``block_m`` items from its start; what is left, the
-segment's tail, shares an item with the tails of neighbouring segments of the same size (which
-never visits more score entries than separate items: ``ceil(a + b) <= ceil(a) + ceil(b)``). So
-short segments share tiles, long ones keep full tiles, and a class row rides in its segment's
-last item, whose key tiles already cover the class column. Items are described, not listed row
-by row: building a schedule costs NumPy work per item, not per token.
+segment's tail, shares an item with the tails of neighbouring segments of the same length
+(which never visits more score entries than separate items: ``ceil(a + b) <= ceil(a) +
+ceil(b)``). So short segments share tiles, long ones keep full tiles, and a class row rides in
+its segment's last item, whose key tiles already cover the class column. The schedules of all
+of a layout's levels are computed together, per run of neighbouring segments of one length (a
+scan's slices form one run) and then per item: a few dozen NumPy calls, nothing per token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 
 MODEL_BLOCK_N = 64
 """Key-tile width the work counts assume."""
 
+HEIGHT_SLACK = 0.03
+"""How much more work a taller item height may visit and still be preferred: a taller item loads
+each key tile once for more rows, and makes fewer programs and a smaller schedule. A rule of
+thumb until GPU timings settle it (``bench/gpu_check.sh`` measures the kernels beside the model)."""
+
+
+@dataclass(frozen=True)
+class SegmentRuns:
+    """Neighbouring segments of one size, run-length encoded over one or more segmentations
+    (parts: a layout's levels) laid end to end: each run's ``first`` segment (counted over all
+    parts), its ``count`` of segments and their ``size`` in rows (patch rows, plus the class
+    row). A run never crosses parts; ``part_runs`` and ``part_segments`` (``parts + 1``) give
+    where each part's runs and segments start."""
+
+    first: np.ndarray
+    count: np.ndarray
+    size: np.ndarray
+    part_runs: np.ndarray
+    part_segments: np.ndarray
+
+    @classmethod
+    def of(cls, cus: list[np.ndarray], class_rows: bool) -> SegmentRuns:
+        """The runs of segmentations with patch-row boundaries ``cus`` (each ``segments + 1``)."""
+        if any(len(cu) < 2 for cu in cus):
+            raise ValueError("every segmentation needs at least one segment")
+        part_segments = np.array([0, *accumulate(len(cu) - 1 for cu in cus)])
+        size = np.concatenate([np.diff(cu) for cu in cus]) + int(class_rows)
+        change = np.diff(size) != 0
+        change[part_segments[1:-1] - 1] = True
+        bounds = np.concatenate(([0], np.flatnonzero(change) + 1, [len(size)]))
+        first = bounds[:-1]
+        return cls(
+            first=first,
+            count=np.diff(bounds),
+            size=size[first],
+            part_runs=np.searchsorted(bounds, part_segments),
+            part_segments=part_segments,
+        )
+
+    def visited(self, heights: tuple[int, ...], block_n: int = MODEL_BLOCK_N) -> np.ndarray:
+        """``(heights, parts)``: score entries each part's schedule with each item height would
+        visit (equal to :meth:`TileSchedule.visited` of that schedule, without building it)."""
+        m = np.asarray(heights, dtype=np.int64)[:, None]
+        full, tail = np.divmod(self.size, m)
+        per_item = m // np.maximum(tail, 1)
+        groups, rest = np.divmod(self.count, per_item)
+        whole = self.count * full * _ceil_div(self.size, block_n)
+        shared = groups * _ceil_div(per_item * self.size, block_n) + _ceil_div(rest * self.size, block_n)
+        tiles = whole + np.where(tail > 0, shared, 0)
+        return m * block_n * np.add.reduceat(tiles, self.part_runs[:-1], axis=1)
+
 
 @dataclass(frozen=True)
 class TileSchedule:
-    """``items`` ``(items, 4)``: each item's segment range ``lo, hi`` (``hi`` exclusive), and the
-    window ``from_end, count`` it takes of each of those segments (``count * (hi - lo)`` rows)."""
+    """``items`` ``(items, 4)`` int32 (stored field by field): each item's segment range
+    ``lo, hi`` (``hi`` exclusive), and the window ``from_end, count`` it takes of each of those
+    segments (``count * (hi - lo)`` rows). ``length_bucket``: the mean segment size in rows
+    rounded up to a power of two (at least 16), which keys the kernels' autotuning so that
+    short- and long-segment levels tune apart."""
 
     block_m: int
     items: np.ndarray
     cu: np.ndarray
     class_rows: bool
+    length_bucket: int
     device_arrays: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -49,8 +108,7 @@ class TileSchedule:
 
     def visited(self, block_n: int = MODEL_BLOCK_N) -> int:
         """Score entries the kernels compute: a full ``block_m`` × ``block_n`` tile per step."""
-        tiles = -(-self.partner_counts() // block_n)
-        return int(self.block_m * block_n * tiles.sum())
+        return int(self.block_m * block_n * _ceil_div(self.partner_counts(), block_n).sum())
 
     def useful(self) -> int:
         """Score entries attention needs: ``(L + 1)²`` per segment with class rows, else ``L²``."""
@@ -74,62 +132,110 @@ class TileSchedule:
         offsets = lengths + int(self.class_rows) - from_end + np.tile(np.arange(count), hi - lo)
         return np.where(offsets < lengths, self.cu[segments] + offsets, int(self.cu[-1]) + segments)
 
+    def partners(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """The partner rows of one item and their segments, as the kernels compute them: patch
+        rows ``cu[lo]..cu[hi]`` of segments of one length, then the class rows."""
+        lo, hi = (int(x) for x in self.items[item, :2])
+        first, patch = int(self.cu[lo]), int(self.cu[hi] - self.cu[lo])
+        length = max(patch // (hi - lo), 1)
+        j = np.arange(patch + (hi - lo) * int(self.class_rows))
+        rows = np.where(j < patch, first + j, int(self.cu[-1]) + lo + j - patch)
+        return rows, np.where(j < patch, lo + j // length, lo + j - patch)
+
     def on(self, device):
-        """``items`` as a flat int32 tensor on ``device`` (moved once, then cached)."""
+        """``items`` field by field, ``(4, items)`` int32 as the kernels read them, on
+        ``device`` (moved once, then cached)."""
         import torch
 
         key = str(device)
         if key not in self.device_arrays:
-            flat = np.ascontiguousarray(self.items.reshape(-1), dtype=np.int32)
-            self.device_arrays[key] = torch.from_numpy(flat).to(device)
+            self.device_arrays[key] = torch.from_numpy(np.ascontiguousarray(self.items.T)).to(device)
         return self.device_arrays[key]
 
 
 def build_schedule(cu: np.ndarray, class_rows: bool, block_m: int) -> TileSchedule:
     """The schedule for segments with patch-row boundaries ``cu`` (host, ``segments + 1``),
-    each followed by one class row when ``class_rows``."""
-    cu = np.asarray(cu, dtype=np.int64)
-    segments = len(cu) - 1
-    size = np.diff(cu) + int(class_rows)
-    full = size // block_m
-
-    # Whole items: block_m rows of one segment, from its start.
-    owner = np.repeat(np.arange(segments), full)
-    index = np.arange(len(owner)) - np.repeat(np.cumsum(full) - full, full)
-    whole = np.stack([owner, owner + 1, size[owner] - index * block_m, np.full(len(owner), block_m)], axis=1)
-
-    # Tails: runs of neighbouring segments with tails of one size share items, block_m // size each.
-    tail = size - full * block_m
-    owners = np.flatnonzero(tail)
-    tails = tail[owners]
-    new_run = np.ones(len(owners), dtype=bool)
-    new_run[1:] = (np.diff(owners) != 1) | (np.diff(tails) != 0)
-    position = np.arange(len(owners)) - np.flatnonzero(new_run)[np.cumsum(new_run) - 1]
-    firsts = np.flatnonzero(new_run | (position % (block_m // np.maximum(tails, 1)) == 0))
-    lasts = np.append(firsts[1:], len(owners))[: len(firsts)] - 1  # empty when no segment has a tail
-    shared = np.stack([owners[firsts], owners[lasts] + 1, tails[firsts], tails[firsts]], axis=1)
-    return TileSchedule(
-        block_m=block_m,
-        items=np.concatenate([whole, shared]).astype(np.int64).reshape(-1, 4),
-        cu=cu,
-        class_rows=class_rows,
-    )
+    each followed by one class row when ``class_rows``, with items of ``block_m`` rows."""
+    return build_schedules([cu], class_rows, (block_m,))[0]
 
 
-def layout_schedule(layout, level: str, class_rows: bool, block_m: int) -> TileSchedule:
-    """The schedule of ``layout``'s ``level``, built once and kept in the layout's cache."""
-    def build() -> TileSchedule:
-        cu = np.concatenate([[0], np.cumsum(layout.level(level).seqlens)])
-        return build_schedule(cu, class_rows, block_m)
+def build_schedules(cus: list[np.ndarray], class_rows: bool, heights: tuple[int, ...]) -> list[TileSchedule]:
+    """One schedule per segmentation of ``cus``, each with the item height of ``heights`` that
+    :func:`pick_heights` chooses. All are built in one pass, so a layout's levels cost the NumPy
+    calls of one."""
+    cus = [np.asarray(cu, dtype=np.int64) for cu in cus]
+    runs = SegmentRuns.of(cus, class_rows)
+    if len(heights) == 1:
+        part_m = np.full(len(cus), heights[0], dtype=np.int64)
+    else:
+        part_m = pick_heights(runs.visited(heights), heights)
+    # Per item everything is int32: NumPy's large temporaries cost more than the arithmetic on
+    # them (fresh pages), so they are kept as small as they can be.
+    m = np.repeat(part_m, np.diff(runs.part_runs)).astype(np.int32)
+    size, first, count = (a.astype(np.int32) for a in (runs.size, runs.first, runs.count))
+    full, tail = np.divmod(size, m)
 
-    return layout.cached(("tile_schedule", level, class_rows, block_m), build)
+    # Whole items: m rows of one segment, `full` per segment from its start; the i-th item (over
+    # all segments) of a segment whose first item is the s-th takes m rows from `size - (i - s) m`
+    # rows before the segment's end.
+    segment_full, segment_m = np.repeat(full, count), np.repeat(m, count)
+    start = np.repeat(size, count) + (np.cumsum(segment_full, dtype=np.int32) - segment_full) * segment_m
+    whole = np.empty((4, int(segment_full.sum())), dtype=np.int32)
+    whole[0] = np.repeat(np.arange(len(segment_full), dtype=np.int32), segment_full)
+    np.add(whole[0], 1, out=whole[1])
+    whole[3] = np.repeat(segment_m, segment_full)
+    steps = np.arange(whole.shape[1], dtype=np.int32) * whole[3]
+    np.subtract(np.repeat(start, segment_full), steps, out=whole[2])
+    # Tails: a run's tails share items, m // tail segments per item.
+    per_item = m // np.maximum(tail, 1)
+    run, index = _expand(np.where(tail > 0, _ceil_div(count, per_item), 0))
+    shared = np.empty((4, len(run)), dtype=np.int32)
+    shared[0] = first[run] + index * per_item[run]
+    np.minimum(shared[0] + per_item[run], first[run] + count[run], out=shared[1])
+    shared[2] = shared[3] = tail[run]
+
+    # Each part's items, stored field by field ((4, items), what the kernels read), seen as
+    # (items, 4), with segments counted from the part's first.
+    cut_whole = np.searchsorted(whole[0], runs.part_segments).tolist()
+    cut_shared = np.searchsorted(run, runs.part_runs).tolist()
+    schedules = []
+    for p, cu in enumerate(cus):
+        own_whole = whole[:, cut_whole[p] : cut_whole[p + 1]]
+        items = np.concatenate([own_whole, shared[:, cut_shared[p] : cut_shared[p + 1]]], axis=1)
+        items[:2] -= int(runs.part_segments[p])
+        mean_size = int(cu[-1]) / (len(cu) - 1) + int(class_rows)
+        bucket = max(16, 1 << (math.ceil(mean_size) - 1).bit_length())
+        schedules.append(
+            TileSchedule(
+                block_m=int(part_m[p]), items=items.T, cu=cu, class_rows=class_rows, length_bucket=bucket
+            )
+        )
+    return schedules
 
 
-def best_schedule(layout, level: str, class_rows: bool, heights: tuple[int, ...]) -> TileSchedule:
-    """Of the schedules with item heights ``heights``, the one that visits the fewest score
-    entries (the first on a tie); cached in the layout like each candidate."""
-    def build() -> TileSchedule:
-        candidates = [layout_schedule(layout, level, class_rows, h) for h in heights]
-        return min(candidates, key=lambda schedule: schedule.visited())
+def pick_heights(visited: np.ndarray, heights: tuple[int, ...]) -> np.ndarray:
+    """Per part, the tallest of ``heights`` whose schedule visits at most ``HEIGHT_SLACK`` more
+    score entries than the least-visiting one (``visited``: ``(heights, parts)``)."""
+    acceptable = visited <= visited.min(axis=0) * (1 + HEIGHT_SLACK)
+    return np.where(acceptable, np.asarray(heights, dtype=np.int64)[:, None], 0).max(axis=0)
 
-    return layout.cached(("best_tile_schedule", level, class_rows, heights), build)
+
+def layout_schedule(layout, level: str, class_rows: bool, heights: tuple[int, ...]) -> TileSchedule:
+    """The schedule of ``layout``'s ``level`` with the item height of ``heights`` that
+    :func:`pick_heights` chooses; the schedules of all levels are built together on first use
+    and kept in the layout's cache."""
+    def build() -> dict[str, TileSchedule]:
+        cus = [lv.offsets for lv in layout.levels.values()]
+        return dict(zip(layout.levels, build_schedules(cus, class_rows, tuple(heights))))
+
+    return layout.cached(("tile_schedules", class_rows, tuple(heights)), build)[level]
+
+
+def _ceil_div(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
+    return -(-a // b)
+
+
+def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ``counts[i]`` entries of each ``i``: every entry's ``i`` and its index among them."""
+    owner = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    return owner, np.arange(len(owner), dtype=np.int32) - (np.cumsum(counts, dtype=np.int32) - counts)[owner]

@@ -89,7 +89,7 @@ def test_reference_attends_only_inside_segments(rng):
     for level in LEVELS:
         q, k, v = random_rows(layout, level, class_tokens=True)
         base = hier_attention(q, k, v, layout, level, backend="reference")
-        ids = layout.row_segment_ids(level, class_tokens=True)
+        ids = layout.segment_ids(level, class_tokens=True)
         target = int(ids[torch.randint(len(ids), ())])
         inside = ids == target
         k2, v2 = k.clone(), v.clone()

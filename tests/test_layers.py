@@ -45,7 +45,7 @@ def test_switch_level_averages_and_replicates(rng):
         for coarse in levels[i + 1 :]:
             tokens = torch.randn(layout.num_segments(fine), 5, dtype=torch.float64)
             up = switch_level(tokens, layout, fine, coarse)
-            fine_lv, coarse_ids = layout.level(fine), layout.level(coarse).segment_ids
+            fine_lv, coarse_ids = layout.level(fine), layout.segment_ids(coarse)
             owner = coarse_ids[fine_lv.cu_seqlens[:-1].long()]
             for c in range(layout.num_segments(coarse)):
                 torch.testing.assert_close(up[c], tokens[owner == c].mean(0))
@@ -70,7 +70,7 @@ def test_segment_drop_path_drops_whole_segments(rng):
     for level in ("slice", "scan", "study"):
         rows = layout.num_tokens + layout.num_segments(level)
         out = drop(torch.ones(rows, 3), layout, level)
-        ids = layout.row_segment_ids(level, class_tokens=True)
+        ids = layout.segment_ids(level, class_tokens=True)
         for s in range(layout.num_segments(level)):
             values = out[ids == s].unique()
             assert values.numel() == 1 and values.item() in (0.0, 2.0)

@@ -27,13 +27,14 @@ def test_layout_invariants(studies, slice_depth):
     for name in LEVELS:
         lv = layout.level(name)
         cu = lv.cu_seqlens
-        assert cu.dtype == torch.int32 and lv.segment_ids.dtype == torch.int32
+        assert cu.dtype == torch.int32 and layout.segment_ids(name).dtype == torch.int32
         assert cu[0] == 0 and cu[-1] == n and len(cu) == lv.num_segments + 1
         assert (cu.diff() > 0).all()
         assert lv.max_seqlen == int(cu.diff().max())
         assert np.array_equal(cu.diff().numpy(), lv.seqlens)
         expected_ids = torch.repeat_interleave(torch.arange(lv.num_segments), cu.diff().long())
-        assert torch.equal(lv.segment_ids.long(), expected_ids)
+        assert torch.equal(layout.segment_ids(name).long(), expected_ids)
+        assert np.array_equal(lv.offsets, cu.numpy()) and lv.offsets.dtype == np.int64
     # Scan and study segments are the scans and the studies.
     assert layout.level("scan").seqlens.tolist() == tokens
     per_study = [sum(d * h * w for d, h, w in s) for s in studies]
@@ -47,7 +48,7 @@ def test_layout_invariants(studies, slice_depth):
     # Nesting: every fine segment lies inside one coarse segment, which is its parent.
     for i, fine in enumerate(LEVELS):
         for coarse in LEVELS[i + 1 :]:
-            fine_lv, coarse_ids = layout.level(fine), layout.level(coarse).segment_ids
+            fine_lv, coarse_ids = layout.level(fine), layout.segment_ids(coarse)
             parent = layout.parents[fine, coarse]
             for s, (a, b) in enumerate(zip(fine_lv.cu_seqlens[:-1], fine_lv.cu_seqlens[1:])):
                 assert (coarse_ids[a:b] == parent[s]).all()
@@ -58,13 +59,14 @@ def test_layout_invariants(studies, slice_depth):
     assert layout.scan_position.tolist() == expected_pos
 
 
-def test_row_segment_ids_append_class_copies(rng):
+def test_segment_ids_append_class_copies(rng):
     layout = random_layout(rng)
     for level in LEVELS:
-        ids = layout.row_segment_ids(level, class_tokens=True)
+        ids = layout.segment_ids(level, class_tokens=True)
         s = layout.num_segments(level)
         assert ids[layout.num_tokens :].tolist() == list(range(s))
-        assert torch.equal(layout.row_segment_ids(level, False), layout.level(level).segment_ids)
+        assert torch.equal(ids[: layout.num_tokens], layout.segment_ids(level))
+        assert layout.segment_ids(level) is layout.segment_ids(level, False)  # made once, cached
 
 
 def test_to_moves_every_tensor_once():

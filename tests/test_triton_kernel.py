@@ -31,14 +31,13 @@ def test_runs_under_the_expected_triton():
 
 
 def op_inputs(layout: Layout, level: str, class_tokens: bool, dim: int = 16, dtype=torch.float32) -> tuple:
-    """The custom op's arguments: q, k, v, the layout's kernel inputs, class rows, item height, scale."""
+    """The custom op's arguments: q, k, v, the layout's (cu, items, class rows, item height, length
+    bucket) and the scale."""
     q, k, v = (
         t.to(DEVICE, dtype).requires_grad_() for t in random_rows(layout, level, class_tokens, dim=dim)
     )
     layout = layout.to(DEVICE)
-    tensors, block_m = triton_backend.schedule_inputs(layout, level, class_tokens, q.device)
-    class_rows = layout.num_segments(level) if class_tokens else 0
-    return (q, k, v, *tensors, class_rows, block_m, dim**-0.5)
+    return (q, k, v, *triton_backend.schedule_inputs(layout, level, class_tokens, q.device), dim**-0.5)
 
 
 def test_custom_op_passes_opcheck(rng):

@@ -29,7 +29,7 @@ def _compiled_flex():
 
 def block_mask(call: AttentionCall):
     """The cached block mask of ``call``'s layout, level and class-token mode."""
-    segment = call.layout.row_segment_ids(call.level, call.class_tokens)
+    segment = call.layout.segment_ids(call.level, call.class_tokens)
     rows = segment.numel()
 
     def same_segment(b, h, q_idx, kv_idx):

@@ -48,14 +48,14 @@ def hier_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    row_seg: torch.Tensor,
     cu: torch.Tensor,
     items: torch.Tensor,
     num_class_rows: int,
     block_m: int,
+    length_bucket: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().hier_attn_forward(q, k, v, row_seg, cu, items, num_class_rows, block_m, scale)
+    return _kernels().hier_attn_forward(q, k, v, cu, items, num_class_rows, block_m, length_bucket, scale)
 
 
 @hier_attn_fwd.register_fake
@@ -73,14 +73,14 @@ def hier_attn_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    row_seg: torch.Tensor,
     cu: torch.Tensor,
     items: torch.Tensor,
     num_class_rows: int,
     block_m: int,
+    length_bucket: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    schedule = (row_seg, cu, items, num_class_rows, block_m)
+    schedule = (cu, items, num_class_rows, block_m, length_bucket)
     return _kernels().hier_attn_backward(grad_out, q, k, v, out, lse, *schedule, scale)
 
 
@@ -90,14 +90,14 @@ def _(grad_out, q, *schedule_and_scalars):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_seg, cu, items, num_class_rows, block_m, scale = inputs
+    q, k, v, cu, items, *scalars = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_seg, cu, items)
-    ctx.num_class_rows, ctx.block_m, ctx.scale = num_class_rows, block_m, scale
+    ctx.save_for_backward(q, k, v, out, lse, cu, items)
+    ctx.scalars = scalars  # num_class_rows, block_m, length_bucket, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    dq, dk, dv = hier_attn_bwd(grad_out, *ctx.saved_tensors, ctx.num_class_rows, ctx.block_m, ctx.scale)
+    dq, dk, dv = hier_attn_bwd(grad_out, *ctx.saved_tensors, *ctx.scalars)
     return dq, dk, dv, *(None,) * 6
 
 
@@ -105,22 +105,22 @@ hier_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def schedule_inputs(layout, level: str, class_tokens: bool, device: torch.device) -> tuple:
-    """The kernels' layout inputs: row segment ids, ``cu_seqlens``, the tile schedule's items on
-    the device, and its item height (``INTERPRETER_BLOCK_M`` under the interpreter; on a GPU whichever of
-    ``BLOCK_MS`` visits least for this layout and level)."""
-    from hlip_fast.kernels.tile_schedule import best_schedule
+    """The custom op's layout arguments: ``cu_seqlens`` and the tile schedule's items on the
+    device, the number of class rows, the item height (``INTERPRETER_BLOCK_M`` under the
+    interpreter; on a GPU whichever of ``BLOCK_MS`` visits least for this layout and level) and
+    the segment-length bucket that keys autotuning."""
+    from hlip_fast.kernels.tile_schedule import layout_schedule
 
     heights = (_kernels().INTERPRETER_BLOCK_M,) if _interpreted() else _kernels().BLOCK_MS
-    schedule = best_schedule(layout, level, class_tokens, heights)
-    row_seg = layout.row_segment_ids(level, class_tokens)
+    schedule = layout_schedule(layout, level, class_tokens, heights)
+    class_rows = layout.num_segments(level) if class_tokens else 0
     cu = layout.level(level).cu_seqlens
-    return (row_seg, cu, schedule.on(device)), schedule.block_m
+    return cu, schedule.on(device), class_rows, schedule.block_m, schedule.length_bucket
 
 
 def triton_attention(call: AttentionCall) -> torch.Tensor:
-    class_rows = call.layout.num_segments(call.level) if call.class_tokens else 0
-    tensors, block_m = schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device)
-    out, _ = hier_attn_fwd(call.q, call.k, call.v, *tensors, class_rows, block_m, call.scale)
+    layout_args = schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device)
+    out, _ = hier_attn_fwd(call.q, call.k, call.v, *layout_args, call.scale)
     return out
 
 

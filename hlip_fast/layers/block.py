@@ -28,7 +28,7 @@ class SegmentDropPath(nn.Module):
         segments = layout.num_segments(level)
         keep = x.new_empty(segments).bernoulli_(keep_prob).div_(keep_prob)
         class_tokens = x.shape[0] > layout.num_tokens
-        return x * keep[layout.row_segment_ids(level, class_tokens)].unsqueeze(1)
+        return x * keep[layout.segment_ids(level, class_tokens)].unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"

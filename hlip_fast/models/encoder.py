@@ -154,7 +154,7 @@ class HLIPVisionEncoder(nn.Module):
             draws = torch.rand(layout.num_studies, self.config.max_num_scans, device=pos.device)
             positions = draws.argsort(dim=1)[layout.scan_study_index, positions]
         # A token's scan-level segment id is the index of its scan.
-        return pos + self.sequential_posemb[0, positions][layout.level("scan").segment_ids]
+        return pos + self.sequential_posemb[0, positions][layout.segment_ids("scan")]
 
     def forward_features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, C)`` class tokens
@@ -186,7 +186,7 @@ class HLIPVisionEncoder(nn.Module):
         """One embedding per study: its class token, or the mean of its patch tokens."""
         if self.config.pooling == "token":
             return cls
-        ids = layout.level("study").segment_ids
+        ids = layout.segment_ids("study")
         summed = tokens.new_zeros(layout.num_studies, tokens.shape[1]).index_add(0, ids, tokens)
         counts = layout.level("study").cu_seqlens.diff().to(tokens.dtype)
         return summed / counts.unsqueeze(1)
