@@ -58,8 +58,9 @@ class Layout:
     ``scan_study`` study index per scan, ``scan_offsets`` ``(num_scans + 1)`` token offsets.
     Plain ints (``num_tokens``, each level's ``num_segments``) keep ``torch.compile`` from
     treating sizes as data. Device tensors: per level :class:`LevelLayout`; ``scan_study_index`` and
-    ``scan_position`` (index of each scan within its study) as int64 for embedding look-ups;
-    ``parents`` maps ``(fine, coarse)`` to the coarse segment of each fine segment.
+    ``scan_position`` (index of each scan within its study) as int64 for embedding look-ups.
+    What derives from those (segment ids, parents, child counts, backends' plans and tile
+    schedules) is made on first use and kept in ``cache``.
     """
 
     grids: np.ndarray
@@ -69,12 +70,10 @@ class Layout:
     levels: dict[str, LevelLayout]
     scan_study_index: torch.Tensor
     scan_position: torch.Tensor
-    parents: dict[tuple[str, str], torch.Tensor]
-    child_counts: dict[tuple[str, str], torch.Tensor]
     num_tokens: int
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-    """Per-layout memo for backends (bucket plans, block masks): built on first use, reused by
-    every block of a step."""
+    """Per-layout memo (segment ids, parents, bucket plans, block masks, tile schedules): built
+    on first use, reused by every block of a step."""
 
     @classmethod
     def build(
@@ -115,29 +114,14 @@ class Layout:
 
         # Slice groups: ceil(d / slice_depth) per scan; the last may hold fewer depth-rows.
         groups = -(-grids[:, 0] // slice_depth)
-        group_scan = np.repeat(np.arange(len(grids)), groups)
         in_plane = grids[:, 1] * grids[:, 2]
         slice_seqlens = np.repeat(slice_depth * in_plane, groups)
         slice_seqlens[np.cumsum(groups) - 1] = (grids[:, 0] - (groups - 1) * slice_depth) * in_plane
         study_seqlens = np.add.reduceat(scan_tokens, study_offsets[:-1])
         seqlens = {"slice": slice_seqlens, "scan": scan_tokens, "study": study_seqlens}
 
-        # Each fine segment's coarse segment, and each coarse segment's number of fine ones.
-        parent = {
-            ("slice", "scan"): group_scan,
-            ("slice", "study"): scan_study[group_scan],
-            ("scan", "study"): scan_study,
-        }
-        count = {
-            ("slice", "scan"): groups,
-            ("slice", "study"): np.add.reduceat(groups, study_offsets[:-1]),
-            ("scan", "study"): scans_per_study,
-        }
-
         device = torch.device(device)
         levels = {name: _level_layout(seqlens[name], device) for name in LEVELS}
-        parents = {pair: torch.from_numpy(ids).to(device) for pair, ids in parent.items()}
-        child_counts = {pair: torch.from_numpy(n).to(device) for pair, n in count.items()}
         return cls(
             grids=grids,
             scan_study=scan_study,
@@ -146,8 +130,6 @@ class Layout:
             levels=levels,
             scan_study_index=torch.from_numpy(scan_study).to(device),
             scan_position=torch.from_numpy(scan_position).to(device),
-            parents=parents,
-            child_counts=child_counts,
             num_tokens=int(scan_offsets[-1]),
         )
 
@@ -202,8 +184,6 @@ class Layout:
             levels=levels,
             scan_study_index=move(self.scan_study_index),
             scan_position=move(self.scan_position),
-            parents={k: move(v) for k, v in self.parents.items()},
-            child_counts={k: move(v) for k, v in self.child_counts.items()},
             num_tokens=self.num_tokens,
         )
 
@@ -229,6 +209,26 @@ class Layout:
             return torch.cat([ids, segments]) if class_tokens else ids
 
         return self.cached(("segment_ids", level, class_tokens), build)
+
+    def parent_ids(self, fine: str, coarse: str) -> torch.Tensor:
+        """For each segment of level ``fine``, the index (int64) of the ``coarse`` segment that
+        holds it; made on the layout's device from ``cu_seqlens`` and cached."""
+
+        def build() -> torch.Tensor:
+            starts = self.level(fine).cu_seqlens[:-1]
+            return torch.searchsorted(self.level(coarse).cu_seqlens[1:], starts, right=True)
+
+        return self.cached(("parent_ids", fine, coarse), build)
+
+    def child_counts(self, fine: str, coarse: str) -> torch.Tensor:
+        """For each segment of level ``coarse``, how many ``fine`` segments it holds (int64);
+        made on the layout's device from ``cu_seqlens`` and cached."""
+
+        def build() -> torch.Tensor:
+            starts = self.level(fine).cu_seqlens[:-1]
+            return torch.searchsorted(starts, self.level(coarse).cu_seqlens).diff()
+
+        return self.cached(("child_counts", fine, coarse), build)
 
     def describe(self) -> dict[str, dict[str, float]]:
         """Per-level segment statistics: count, min, median, mean and max length."""

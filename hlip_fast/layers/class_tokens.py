@@ -16,8 +16,8 @@ def switch_level(tokens: torch.Tensor, layout: Layout, src: str, dst: str) -> to
     if src == dst:
         return tokens
     if LEVELS.index(src) < LEVELS.index(dst):
-        parent = layout.parents[src, dst]
-        counts = layout.child_counts[src, dst]
+        parent = layout.parent_ids(src, dst)
+        counts = layout.child_counts(src, dst)
         summed = tokens.new_zeros(layout.num_segments(dst), tokens.shape[1]).index_add(0, parent, tokens)
         return summed / counts.unsqueeze(1).to(tokens.dtype)
-    return tokens[layout.parents[dst, src]]
+    return tokens[layout.parent_ids(dst, src)]
