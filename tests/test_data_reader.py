@@ -11,11 +11,11 @@ import torch
 
 from hlip_fast import pack_studies
 from hlip_fast.data import PrepareConfig
-from hlip_fast.data.batching import TokenBudget, collate
+from hlip_fast.data.batching import BatchConfig, TokenBudget, collate
 from hlip_fast.data.codec import decompress_slices
-from hlip_fast.data.reader import BatchConfig, RawStudies, StudyBatches, cpu_loader, decode_cpu
+from hlip_fast.data.reader import RawStudies, StudyBatches, cpu_loader, decode_cpu
 from hlip_fast.data.synth import SIZES, synthesize
-from hlip_fast.data.transforms import ReaderConfig, Study, to_study
+from hlip_fast.data.transforms import Study, TransformConfig, to_study
 
 PATCH = (4, 8, 8)
 
@@ -46,7 +46,7 @@ def test_eval_decodes_exactly_and_deterministically(corpus):
 
 
 def test_train_augmentation_seeded_per_epoch(corpus):
-    config = ReaderConfig(crop=(24, 16), max_depth=8, flip_axes=(0, 2), jitter=0.1, max_scans=2, seed=5)
+    config = TransformConfig(crop=(24, 16), max_depth=8, flip_axes=(0, 2), jitter=0.1, max_scans=2, seed=5)
     raw = next(iter(RawStudies(corpus)))
     scans = decode_cpu(raw)
     a, b = to_study(raw, scans, config, True, 0), to_study(raw, scans, config, True, 0)

@@ -4,8 +4,9 @@ written, in order, in one fresh working folder, and its result tables are the on
 
 A block after ``<!-- snippet: file NAME -->`` is written to ``NAME``; one after
 ``<!-- snippet: skip (reason) -->`` is not run (only the test command itself). Stand-ins of the
-same layout replace what a reader brings: ``models/BiomedBERT`` (a tiny BERT) and
-``hlip_chestct.pt`` (an original-layout HLIP checkpoint with random weights). The training demo
+same layout replace what a reader brings: ``models/BiomedBERT`` (a tiny BERT),
+``hlip_chestct.pt`` (an original-layout HLIP checkpoint with random weights) and ``CT-RATE``
+(a miniature release of both splits, as ``tests/test_ct_rate.py`` builds it). The training demo
 runs at its smoke size (``HLIP_FAST_DEMO_SIZE=smoke``).
 """
 
@@ -70,6 +71,7 @@ def workdir(tmp_path_factory) -> Path:
     """A fresh folder with the repository's scripts and the stand-ins the snippets name."""
     import torch
     from padded_hlip import OriginalHLIPClip
+    from test_ct_rate import ct_rate_release
     from transformers import BertModel
 
     from hlip_fast.data.synth import SIZES, make_study
@@ -78,6 +80,8 @@ def workdir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("readme")
     (root / "scripts").symlink_to(REPO / "scripts")
+    for split in ("train", "valid"):
+        ct_rate_release(root / "CT-RATE", split)
     reports = [make_study(SIZES["tiny"], i)[0].report for i in range(20)] + ["No nodule. No effusion."]
     bert = build_tiny_text_model(root / "models" / "BiomedBERT", reports, mlm_steps=2)
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from hlip_fast.train import load_config
 from hlip_fast.train import main as train_main
-from hlip_fast.train.data import reader_config
+from hlip_fast.train.data import train_transforms
 from safetensors.torch import load_file
 
 from hlip_fast.data import synthesize
@@ -309,7 +309,7 @@ def fixed_batches(trainer, ranks: int, rank: int, steps: int = 3, per_step: int 
     """The same global batches for any number of ranks; rank r takes the r-th share of each."""
     model, cfg = trainer.model, trainer.cfg
     raws = RawStudies(cfg.train_data, train=False, rank=0, world_size=1)
-    studies = list(decoded_studies(raws, reader_config(cfg, model), False, 0))
+    studies = list(decoded_studies(raws, train_transforms(cfg, model), False, 0))
     share = per_step // ranks
     for step in range(steps):
         members = studies[step * per_step + rank * share : step * per_step + (rank + 1) * share]

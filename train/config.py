@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hlip_fast.cli_options import DEVICE_HELP, PRECISION_HELP, PRECISIONS, new_parser
+from hlip_fast.data.config import DEFAULT_MAX_TOKENS
+from hlip_fast.data.shards import is_prepared
 from hlip_fast.errors import ON_ERROR, problem_list
 from hlip_fast.files import read_config_file
 
@@ -79,7 +81,9 @@ class TrainConfig:
         "", "prepared shard folder of held-out studies with labels, for zero-shot evaluation"
     )
     prompts: list[str] = knob([], "prompt sets for zero-shot evaluation: YAML/JSON files or built-in names")
-    max_tokens: int = knob(16384, "patch tokens per batch: whole ragged studies are packed up to this budget")
+    max_tokens: int = knob(
+        DEFAULT_MAX_TOKENS, "patch tokens per batch: whole ragged studies are packed up to this budget"
+    )
     max_studies: int | None = knob(None, "at most this many studies per batch (none: only the token budget)")
     max_scans: int | None = knob(None, "at most this many scans per study (none: the model's position table)")
     jitter: float = knob(0.0, "random intensity scale 1 ± jitter per scan while training")
@@ -153,7 +157,7 @@ class TrainConfig:
             problems.append("train_data is required (a folder written by hlip-prepare or hlip-synth)")
         for key in ("train_data", "val_data"):
             path = getattr(self, key)
-            if path and not (Path(path) / "index.json").is_file():
+            if path and not is_prepared(path):
                 problems.append(f"{key} {path!r} is not a prepared shard folder (no index.json)")
         if self.prompts and not self.val_data:
             problems.append("prompts need val_data (held-out studies with labels)")

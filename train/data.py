@@ -9,29 +9,22 @@ from dataclasses import dataclass
 
 import torch
 
-from hlip_fast.data.batching import Batch, TokenBudget
-from hlip_fast.data.reader import BatchConfig, RawStudies, StudyBatches, cpu_loader
+from hlip_fast.data.batching import Batch, BatchConfig
+from hlip_fast.data.reader import RawStudies, StudyBatches, cpu_loader
 from hlip_fast.data.shards import read_index
-from hlip_fast.data.transforms import ReaderConfig, Study
+from hlip_fast.data.transforms import Study, TransformConfig, model_transforms
 
 from .config import TrainConfig
 from .distributed import Dist
 
 
-def reader_config(cfg: TrainConfig, model) -> ReaderConfig:
-    """HLIP's training reader: shuffled scans and report sentences, at most as many scans as
-    the model's position table, the model's input normalisation, optional intensity jitter."""
-    return ReaderConfig(
-        mean=model.config.input_mean,
-        std=model.config.input_std,
-        max_scans=model.config.vision.max_num_scans,
-        jitter=cfg.jitter,
-        seed=cfg.seed,
-    )
-
-
 def batch_config(cfg: TrainConfig, patch_size: tuple[int, int, int]) -> BatchConfig:
     return BatchConfig(patch_size=tuple(patch_size), max_tokens=cfg.max_tokens, max_studies=cfg.max_studies)
+
+
+def train_transforms(cfg: TrainConfig, model) -> TransformConfig:
+    """HLIP's training transforms for ``model`` with this run's jitter and seed."""
+    return model_transforms(model, jitter=cfg.jitter, seed=cfg.seed)
 
 
 def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Batch]:
@@ -50,8 +43,8 @@ def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Ba
     if cfg.reader == "nvcomp":
         from hlip_fast.data.gpu import NvcompDecoder
 
-        return StudyBatches(raw, reader_config(cfg, model), batching, decode=NvcompDecoder(dist.device))
-    dataset = StudyBatches(raw, reader_config(cfg, model), batching)
+        return StudyBatches(raw, train_transforms(cfg, model), batching, decode=NvcompDecoder(dist.device))
+    dataset = StudyBatches(raw, train_transforms(cfg, model), batching)
     return cpu_loader(dataset, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
 
@@ -80,8 +73,7 @@ def plan_epoch(cfg: TrainConfig, patch_size: tuple[int, int, int], max_scans: in
         for s in shard["studies"]
     ]
     tokens = [s.tokens(batching.patch_size) for s in studies]
-    budget = TokenBudget(batching.max_tokens, batching.patch_size, max_studies=batching.max_studies)
-    batches = sum(1 for _ in budget(studies))
+    batches = sum(1 for _ in batching.budget()(studies))
     smallest = min(zip(tokens, (s.study_id for s in studies)), default=(0, ""))
     return EpochPlan(
         studies=len(studies),

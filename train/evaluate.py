@@ -8,12 +8,12 @@ from pathlib import Path
 from hlip_fast.console import Console
 from hlip_fast.data.reader import RawStudies, decoded_studies
 from hlip_fast.data.shards import read_index
+from hlip_fast.data.transforms import model_transforms
 from hlip_fast.evaluation import (
     ZeroShotClassifier,
     embed_batches,
     evaluate_embeddings,
     load_prompts,
-    reader_config,
     study_batches,
     to_markdown,
 )
@@ -37,7 +37,7 @@ class ZeroShotEval:
             was_training = model.training
             classifiers = [ZeroShotClassifier.build(model.eval(), p) for p in self.prompt_sets]
             raws = RawStudies(cfg.val_data, train=False, rank=0, world_size=1, on_error=cfg.on_error)
-            studies = decoded_studies(raws, reader_config(model), False, 0, on_damage=raws.damaged)
+            studies = decoded_studies(raws, model_transforms(model), False, 0, on_damage=raws.damaged)
             self.console.say(f"zero-shot evaluation at step {step} on {self.studies} held-out studies")
             embeddings = embed_batches(
                 model,

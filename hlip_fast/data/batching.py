@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import StudyBatch, pack_studies
+from .config import DEFAULT_MAX_TOKENS
 from .transforms import Study
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,26 @@ def collate(
     ).reshape(len(studies), len(names))
     fill = batch.layout.num_tokens / max_tokens if max_tokens else 1.0
     return Batch(batch, [s.report for s in studies], labels, names, fill)
+
+
+@dataclass
+class BatchConfig:
+    """Token-budget batching: the settings of a :class:`TokenBudget`."""
+
+    patch_size: tuple[int, int, int] = (8, 16, 16)
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_studies: int | None = None
+    group_size: int = 64
+    oversize: str = "alone"
+
+    def budget(self) -> TokenBudget:
+        return TokenBudget(
+            self.max_tokens,
+            self.patch_size,
+            max_studies=self.max_studies,
+            group_size=self.group_size,
+            oversize=self.oversize,
+        )
 
 
 class TokenBudget:

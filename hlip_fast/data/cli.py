@@ -27,13 +27,32 @@ def _summary(index: dict, out: Path) -> str:
 def prepare_parser() -> argparse.ArgumentParser:
     parser = new_parser(
         "hlip-prepare",
-        "Raw studies (a manifest of NIfTI, DICOM, .npy or .pt scans with reports and labels) -> "
-        "compressed shards,\nindex.json and skipped.json. Resumable; deterministic for any --workers.",
+        "Raw studies (a manifest of NIfTI, DICOM, .npy or .pt scans with reports and labels, or the\n"
+        "CT-RATE release as published) -> compressed shards, index.json and skipped.json.\n"
+        "Resumable; deterministic for any --workers.",
     )
     parser.add_argument(
-        "manifest", type=Path, help=".csv or .jsonl: study_id, scans, report, labels, modality"
+        "input",
+        type=Path,
+        metavar="MANIFEST|ROOT",
+        help=".csv or .jsonl manifest (study_id, scans, report, labels, modality), or with "
+        "--source ct-rate CT-RATE's root folder",
     )
     parser.add_argument("out", type=Path, help="output folder (resumable: finished shards are kept)")
+    parser.add_argument(
+        "--source",
+        dest="source_kind",
+        choices=["manifest", "ct-rate"],
+        default="manifest",
+        help="what the input is: a manifest, or CT-RATE's root (volumes, metadata, reports, labels)",
+    )
+    parser.add_argument("--split", choices=["train", "valid"], help="CT-RATE split (with --source ct-rate)")
+    parser.add_argument(
+        "--recons",
+        choices=["each", "all"],
+        help="CT-RATE reconstructions: one study each (HLIP's recipe) or all of a session as one "
+        "multi-scan study (with --source ct-rate; default: each)",
+    )
     add_preprocessing_flags(parser, "the manifest's studies")
     parser.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8", help="stored integer type")
     parser.add_argument("--studies-per-shard", type=int, default=64, help="studies in each .tar shard")
@@ -58,7 +77,12 @@ def prepare_parser() -> argparse.ArgumentParser:
 @command("hlip-prepare")
 def prepare_main(argv: list[str] | None = None) -> int:
     """``hlip-prepare MANIFEST OUT``: raw studies → shards, index.json and skipped.json."""
-    args = prepare_parser().parse_args(argv)
+    parser = prepare_parser()
+    args = parser.parse_args(argv)
+    if args.source_kind == "ct-rate" and args.split is None:
+        parser.error("--source ct-rate needs --split train or --split valid")
+    if args.source_kind == "manifest" and (args.split or args.recons):
+        parser.error("--split and --recons apply to --source ct-rate only")
     from .prepare import prepare
 
     config = PrepareConfig(
@@ -73,9 +97,14 @@ def prepare_main(argv: list[str] | None = None) -> int:
             config, modalities={k: replace(m, spacing=None) for k, m in config.modalities.items()}
         )
     console = Console.for_tool("hlip-prepare", args)
-    index = prepare(
-        args.manifest, args.out, config, workers=args.workers, console=console, rebuild=args.rebuild
-    )
+    source = args.input
+    if args.source_kind == "ct-rate":
+        from .ct_rate import read_ct_rate
+
+        ct_rate = read_ct_rate(args.input, args.split, args.recons or "each")
+        console.say(ct_rate.describe())
+        source = ct_rate.entries
+    index = prepare(source, args.out, config, workers=args.workers, console=console, rebuild=args.rebuild)
     print(_summary(index, args.out))
     return 0
 

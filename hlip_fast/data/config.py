@@ -13,6 +13,8 @@ HLIP_CT_WINDOW = (-1150.0, 350.0)
 HLIP_INPUT_MEAN, HLIP_INPUT_STD = 0.449, 0.226
 """HLIP's input normalisation of the stored [0, 1] range: ImageNet's mean and std averaged over
 the RGB channels."""
+DEFAULT_MAX_TOKENS = 16384
+"""Patch tokens per batch when nothing says otherwise: training, evaluation and the readers."""
 MAX_GRID = 4096
 """Largest in-plane grid side ``prepare`` accepts (a typo guard: 22400 for 224)."""
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .batching import Batch
-from .reader import BatchConfig, decode_cpu, decode_study, token_batches
+from .batching import Batch, BatchConfig
+from .reader import decode_cpu, decode_study, token_batches
 from .shards import RawStudy, assemble_study, shard_infos
-from .transforms import ReaderConfig
+from .transforms import TransformConfig
 
 
 class DaliStudies:
@@ -130,17 +130,21 @@ class DaliStudies:
 
 
 def dali_batches(
-    studies: DaliStudies, reader: ReaderConfig | None = None, batching: BatchConfig | None = None
+    studies: DaliStudies, transforms: TransformConfig | None = None, batching: BatchConfig | None = None
 ) -> Iterator[Batch]:
     """The DALI reader's token-budget steps: same transforms and packing as the CPU reader."""
-    reader = reader or ReaderConfig()
+    transforms = transforms or TransformConfig()
     decoded = (
         decode_study(
-            raw, decode_cpu if scans is None else lambda _, s=scans: s, reader, studies.train, studies.epoch
+            raw,
+            decode_cpu if scans is None else lambda _, s=scans: s,
+            transforms,
+            studies.train,
+            studies.epoch,
         )
         for raw, scans in studies
     )
-    return token_batches(decoded, reader, batching or BatchConfig())
+    return token_batches(decoded, transforms, batching or BatchConfig())
 
 
 def _to_torch(tensor, device_id: int) -> torch.Tensor:

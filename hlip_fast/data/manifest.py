@@ -2,8 +2,9 @@
 
 Every row is checked before any work starts, and all bad rows are reported at once, each with
 its file, line and field: a study id (text or number); scans as paths or objects with ``path``
-and optional ``modality``, ``spacing`` (three plausible voxel sizes in mm) and
-``description``; the report as text (empty or missing: the study is skipped as "missing
+and optional ``modality``, ``spacing`` (three plausible voxel sizes in mm, depth first),
+``rescale`` (``[slope, intercept]`` from stored values to HU, for files that store raw values)
+and ``description``; the report as text (empty or missing: the study is skipped as "missing
 report"); labels as an object whose values are ``true``/``false``/``0``/``1`` or ``null``
 (unknown).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,9 @@ class ScanEntry:
     modality: str | None = None
     spacing: tuple[float, float, float] | None = None
     description: str = ""
+    rescale: tuple[float, float] | None = None
+    """``(slope, intercept)``: voxel values become ``value * slope + intercept`` after reading
+    (on top of any scaling the file's own header applies)."""
 
 
 @dataclass
@@ -36,6 +41,9 @@ class StudyEntry:
     report: str | None
     labels: dict = field(default_factory=dict)
     modality: str | None = None
+    skip_reason: str | None = None
+    """Set by an importer that already knows the study cannot be used (a missing CSV row, no
+    volume file): ``prepare`` lists it in ``skipped.json`` with this reason."""
 
 
 def _text(value, name: str, where: str, optional: bool = True) -> str | None:
@@ -51,16 +59,28 @@ def _scan(item, base: Path, where: str) -> ScanEntry:
         item = {"path": item}
     if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
         raise ValueError(f"{where}: a scan must be a path or an object with 'path', got {item!r}")
-    if unknown := sorted(set(item) - {"path", "modality", "spacing", "description"}):
+    if unknown := sorted(set(item) - {"path", "modality", "spacing", "description", "rescale"}):
         raise ValueError(f"{where}: scan {item['path']!r} has unknown field(s) {unknown}")
     path = Path(item["path"].strip())
-    spacing = item.get("spacing")
+    spacing, rescale = item.get("spacing"), item.get("rescale")
     return ScanEntry(
         path=str(path if path.is_absolute() else base / path),
         modality=_text(item.get("modality"), "a scan's modality", where),
         spacing=None if spacing is None else check_spacing(spacing, f"{where}: scan {item['path']!r}"),
         description=_text(item.get("description", ""), "a scan's description", where) or "",
+        rescale=None if rescale is None else check_rescale(rescale, f"{where}: scan {item['path']!r}"),
     )
+
+
+def check_rescale(value, where: str) -> tuple[float, float]:
+    """``(slope, intercept)``: two finite numbers, the slope not zero, or a ``ValueError``."""
+    try:
+        slope, intercept = (float(v) for v in value)
+    except (TypeError, ValueError):
+        slope = intercept = math.nan
+    if not (math.isfinite(slope) and math.isfinite(intercept) and slope != 0):
+        raise ValueError(f"{where}: rescale {value!r} is not [slope, intercept] (finite, slope not 0)")
+    return slope, intercept
 
 
 def _labels(value, where: str) -> dict:

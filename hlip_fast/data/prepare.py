@@ -36,7 +36,7 @@ from .codec import compress_slices
 from .config import PrepareConfig
 from .manifest import StudyEntry, read_manifest
 from .preprocess import preprocess_volume
-from .shards import FORMAT, ShardWriter
+from .shards import FORMAT, INDEX, ShardWriter
 from .volumes import read_volume
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class StudyResult:
 def process_study(entry: StudyEntry, config: PrepareConfig) -> StudyResult:
     """Read, preprocess and encode one study; never raises for bad input (it records why)."""
     skipped: list[dict] = []
+    if entry.skip_reason is not None:
+        return StudyResult(entry.study_id, None, skipped, entry.skip_reason)
     if entry.report is None:
         return StudyResult(entry.study_id, None, skipped, "missing report")
     if not entry.scans:
@@ -98,6 +100,9 @@ def process_study(entry: StudyEntry, config: PrepareConfig) -> StudyResult:
         try:
             modality, modality_config = config.modality(scan.modality or entry.modality)
             volume = read_volume(scan.path, scan.spacing, config.max_voxels)
+            if scan.rescale is not None:
+                slope, intercept = scan.rescale
+                volume.array = volume.array * np.float32(slope) + np.float32(intercept)
             stored, record = preprocess_volume(
                 volume, modality_config, config.grid, config.max_value, config.dtype, config.max_voxels
             )
@@ -252,7 +257,7 @@ class ShardSet:
             "studies": [item for side in sides for item in side["skipped_studies"]],
             "files": [item for side in sides for item in side["skipped_files"]],
         }
-        write_json(self.root / "index.json", with_checksum(index))
+        write_json(self.root / INDEX, with_checksum(index))
         write_json(self.root / "skipped.json", report)
         return index
 

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ON_ERROR, DataError
-from .batching import Batch, TokenBudget, collate
+from .batching import Batch, BatchConfig, collate
 from .codec import decompress_slices
 from .shards import RawStudy, ShardInfo, read_shard, shard_infos
-from .transforms import ReaderConfig, Study, to_study
+from .transforms import Study, TransformConfig, to_study
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,14 @@ def decode_cpu(raw: RawStudy) -> list[torch.Tensor]:
 def decode_study(
     raw: RawStudy,
     decode: Callable[[RawStudy], list[torch.Tensor]],
-    reader: ReaderConfig,
+    transforms: TransformConfig,
     train: bool,
     epoch: int,
 ) -> Study:
     """``raw`` decoded and normalised; any failure but running out of memory becomes a
     :class:`DataError` naming shard and study (picklable, unlike e.g. lz4's errors)."""
     try:
-        return to_study(raw, decode(raw), reader, train, epoch)
+        return to_study(raw, decode(raw), transforms, train, epoch)
     except (MemoryError, torch.OutOfMemoryError, DataError):
         raise
     except Exception as error:  # noqa: BLE001 - re-raised with the study named
@@ -158,20 +158,9 @@ class RawStudies(IterableDataset):
         yield from (buffer[i] for i in rng.permutation(len(buffer)))
 
 
-@dataclass
-class BatchConfig:
-    """Token-budget batching (see :class:`~hlip_fast.data.batching.TokenBudget`)."""
-
-    patch_size: tuple[int, int, int] = (8, 16, 16)
-    max_tokens: int = 16384
-    max_studies: int | None = None
-    group_size: int = 64
-    oversize: str = "alone"
-
-
 def decoded_studies(
     raws: Iterable[RawStudy],
-    reader: ReaderConfig,
+    transforms: TransformConfig,
     train: bool,
     epoch: int,
     decode: Callable[[RawStudy], list[torch.Tensor]] = decode_cpu,
@@ -181,7 +170,7 @@ def decoded_studies(
     :class:`DataError` naming it, or with ``on_damage`` is passed to it and left out."""
     for raw in raws:
         try:
-            study = decode_study(raw, decode, reader, train, epoch)
+            study = decode_study(raw, decode, transforms, train, epoch)
         except DataError as error:
             if on_damage is None:
                 raise
@@ -190,15 +179,13 @@ def decoded_studies(
         yield study
 
 
-def token_batches(studies: Iterable[Study], reader: ReaderConfig, batching: BatchConfig) -> Iterator[Batch]:
+def token_batches(
+    studies: Iterable[Study], transforms: TransformConfig, batching: BatchConfig
+) -> Iterator[Batch]:
     """Studies grouped into token-budget steps and packed on the scans' device."""
-    b = batching
-    budget = TokenBudget(
-        b.max_tokens, b.patch_size, max_studies=b.max_studies, group_size=b.group_size, oversize=b.oversize
-    )
-    pad = (0.0 - reader.mean) / reader.std
-    for members in budget(studies):
-        yield collate(members, b.patch_size, pad, b.max_tokens)
+    pad = (0.0 - transforms.mean) / transforms.std
+    for members in batching.budget()(studies):
+        yield collate(members, batching.patch_size, pad, batching.max_tokens)
 
 
 class StudyBatches(IterableDataset):
@@ -213,11 +200,12 @@ class StudyBatches(IterableDataset):
     def __init__(
         self,
         raw: RawStudies,
-        reader: ReaderConfig | None = None,
+        transforms: TransformConfig | None = None,
         batching: BatchConfig | None = None,
         decode: Callable[[RawStudy], list[torch.Tensor]] = decode_cpu,
     ):
-        self.raw, self.reader, self.batching = raw, reader or ReaderConfig(), batching or BatchConfig()
+        self.raw, self.transforms = raw, transforms or TransformConfig()
+        self.batching = batching or BatchConfig()
         self.decode = decode
 
     @property
@@ -229,10 +217,10 @@ class StudyBatches(IterableDataset):
 
     def studies(self) -> Iterator[Study]:
         raw = self.raw
-        return decoded_studies(raw, self.reader, raw.train, raw.epoch, self.decode, on_damage=raw.damaged)
+        return decoded_studies(raw, self.transforms, raw.train, raw.epoch, self.decode, on_damage=raw.damaged)
 
     def __iter__(self) -> Iterator[Batch]:
-        return token_batches(self.studies(), self.reader, self.batching)
+        return token_batches(self.studies(), self.transforms, self.batching)
 
 
 @dataclass

@@ -110,9 +110,18 @@ class ShardInfo:
     study_ids: tuple[str, ...] | None = None
 
 
+INDEX = "index.json"
+"""The file that makes a folder a prepared shard folder: its shards and studies, checksummed."""
+
+
+def is_prepared(path: str | Path) -> bool:
+    """Whether ``path`` is a prepared shard folder (holds an ``index.json``)."""
+    return (Path(path) / INDEX).is_file()
+
+
 def read_index(root: str | Path) -> dict:
-    """A prepared folder's ``index.json``, its checksum verified."""
-    path = Path(root) / "index.json"
+    """A prepared folder's ``index.json``, its checksum verified: the one place it is read."""
+    path = Path(root) / INDEX
     index = verify_checksum(read_json(path), path)
     if index.get("format") != FORMAT:
         raise IntegrityError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}; prepare it again")
@@ -131,12 +140,12 @@ def shard_infos(source: str | Path | list) -> list[ShardInfo]:
     root = Path(source)
     if root.is_file():
         return [_single(root)]
-    if not (root / "index.json").is_file():
+    if not is_prepared(root):
         shards = sorted(root.glob("*.tar"))
         if not shards:
-            raise FileNotFoundError(f"{root}: no index.json and no .tar shards")
+            raise FileNotFoundError(f"{root}: no {INDEX} and no .tar shards")
         return [_single(p) for p in shards]
-    index_path = root / "index.json"
+    index_path = root / INDEX
     infos = [_info(root / shard["path"], shard["studies"]) for shard in read_index(root)["shards"]]
     for info in infos:
         if not info.path.is_file():

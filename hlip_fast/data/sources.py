@@ -12,7 +12,7 @@ from .config import PrepareConfig
 from .manifest import ScanEntry, StudyEntry, read_manifest
 from .prepare import process_study
 from .reader import RawStudies
-from .shards import RawStudy, ShardInfo, shard_infos
+from .shards import RawStudy, ShardInfo, is_prepared, shard_infos
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -81,7 +81,7 @@ def open_studies(
     skipped = [] if skipped is None else skipped
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
-    if source.suffix == ".tar" or (source / "index.json").is_file():
+    if source.suffix == ".tar" or is_prepared(source):
         infos = shard_infos(source)
         total = None if any(i.keys is None for i in infos) else sum(len(i.keys) for i in infos)
         return StudySource(_shard_studies(infos, skipped, on_error), total)  # the index is read once

@@ -20,7 +20,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass(frozen=True)
-class ReaderConfig:
+class TransformConfig:
     """How stored scans become model input.
 
     Values map ``[0, max]`` integers to ``[0, 1]``, then ``(x - mean) / std``. Training draws:
@@ -42,6 +42,20 @@ class ReaderConfig:
     seed: int = 0
 
 
+def model_transforms(model, *, jitter: float = 0.0, seed: int = 0) -> TransformConfig:
+    """How stored scans become ``model``'s input: its intensity normalisation, at most as many
+    scans per study as its sequential position table holds; in training, HLIP's shuffled scans
+    and report sentences, intensity ``jitter`` and the run's ``seed``."""
+    config = model.config
+    return TransformConfig(
+        mean=config.input_mean,
+        std=config.input_std,
+        max_scans=config.vision.max_num_scans,
+        jitter=jitter,
+        seed=seed,
+    )
+
+
 @dataclass
 class Study:
     """One decoded study: scans ``(D, H, W)`` float32 on the reader's device, report, labels."""
@@ -56,7 +70,7 @@ class Study:
         return sum(-(-s.shape[0] // pd) * (s.shape[1] // ph) * (s.shape[2] // pw) for s in self.scans)
 
 
-def study_rng(config: ReaderConfig, epoch: int, study_id: str) -> np.random.Generator:
+def study_rng(config: TransformConfig, epoch: int, study_id: str) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch, zlib.crc32(study_id.encode())])
 
 
@@ -68,7 +82,7 @@ def _window(size: int, want: int | None, rng: np.random.Generator | None) -> sli
 
 
 def to_study(
-    raw: RawStudy, scans: list[torch.Tensor], config: ReaderConfig, train: bool, epoch: int
+    raw: RawStudy, scans: list[torch.Tensor], config: TransformConfig, train: bool, epoch: int
 ) -> Study:
     """Normalise (and in training augment) the decoded integer ``scans`` of ``raw``."""
     rng = study_rng(config, epoch, raw.study_id) if train else None

@@ -13,7 +13,6 @@ _EXPORTS = {
     "embed_batches": ".run",
     "evaluate": ".run",
     "evaluate_embeddings": ".run",
-    "reader_config": ".run",
     "study_batches": ".run",
     "to_markdown": ".run",
     "ZeroShotClassifier": ".zeroshot",

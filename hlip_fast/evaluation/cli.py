@@ -18,6 +18,7 @@ from ..cli_options import (
     resolve_device,
 )
 from ..console import Console
+from ..data.config import DEFAULT_MAX_TOKENS
 from ..errors import ON_ERROR
 from .prompts import builtin_prompt_sets
 
@@ -44,7 +45,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="prepared shard folder, .tar shard, .csv/.jsonl manifest, or a folder of study folders",
     )
     add_preprocessing_flags(parser, "raw studies")
-    parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="patch tokens per batch")
     add_device_flags(parser)
     parser.add_argument(
         "--on-error",
@@ -75,12 +76,13 @@ def batches_from_args(model, args: argparse.Namespace, skipped: list[dict]) -> t
     from ..data.config import PrepareConfig
     from ..data.reader import decoded_studies
     from ..data.sources import open_studies
-    from .run import reader_config, study_batches
+    from ..data.transforms import model_transforms
+    from .run import study_batches
 
     prepare = PrepareConfig(grid=tuple(args.grid), default_modality=args.modality)
     source = open_studies(args.data, prepare, skipped, on_error=args.on_error)
     damaged = None if args.on_error == "raise" else lambda error: skipped.append(error.record())
-    studies = decoded_studies(source, reader_config(model), train=False, epoch=0, on_damage=damaged)
+    studies = decoded_studies(source, model_transforms(model), train=False, epoch=0, on_damage=damaged)
     return study_batches(model, studies, args.max_tokens), source.total
 
 

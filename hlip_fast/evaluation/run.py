@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from ..console import Console
-from ..data.batching import Batch
-from ..data.reader import BatchConfig, token_batches
-from ..data.transforms import ReaderConfig, Study
+from ..data.batching import Batch, BatchConfig
+from ..data.config import DEFAULT_MAX_TOKENS
+from ..data.reader import token_batches
+from ..data.transforms import Study, model_transforms
 from .metrics import retrieval_recall
 from .prompts import PromptSet
 from .zeroshot import ZeroShotClassifier
@@ -28,18 +29,11 @@ class Embeddings:
     label_names: tuple[str, ...]
 
 
-def reader_config(model) -> ReaderConfig:
-    """How stored scans become this model's input: its intensity normalisation, at most as many
-    scans per study as its sequential position table holds."""
-    config = model.config
-    return ReaderConfig(mean=config.input_mean, std=config.input_std, max_scans=config.vision.max_num_scans)
-
-
-def study_batches(model, studies: Iterable[Study], max_tokens: int = 16384) -> Iterator[Batch]:
+def study_batches(model, studies: Iterable[Study], max_tokens: int = DEFAULT_MAX_TOKENS) -> Iterator[Batch]:
     """Decoded studies (any iterable, e.g. ``StudyBatches.studies()``) as token-budget batches
     cut with ``model``'s patch size."""
     batching = BatchConfig(patch_size=model.config.vision.patch_size, max_tokens=max_tokens)
-    return token_batches(studies, reader_config(model), batching)
+    return token_batches(studies, model_transforms(model), batching)
 
 
 def _merge_labels(

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from damage import copy_corpus, flip, truncate
 
-from hlip_fast.data.reader import BatchConfig, RawStudies, StudyBatches, cpu_loader
+from hlip_fast.data.batching import BatchConfig
+from hlip_fast.data.reader import RawStudies, StudyBatches, cpu_loader
 from hlip_fast.data.shards import ShardWriter, read_index, read_shard
 from hlip_fast.errors import DataError, IntegrityError
 from hlip_fast.integrity import with_checksum
