@@ -147,10 +147,10 @@ def test_collate_matches_pack_studies(seed):
 
 def test_dali_reader_matches_cpu_reader(corpus):
     pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install hlip-fast[dali])")
-    from hlip_fast.data.dali import DaliStudies, dali_batches
+    from hlip_fast.data.dali import DaliBatches, DaliStudies
 
     dali = list(
-        dali_batches(DaliStudies(corpus, device_id=None, batch_size=3), batching=BatchConfig(PATCH, 300))
+        DaliBatches(DaliStudies(corpus, device_id=None, batch_size=3), batching=BatchConfig(PATCH, 300))
     )
     cpu = list(StudyBatches(RawStudies(corpus), batching=BatchConfig(PATCH, 300)))
     assert [b.study_ids for b in dali] == [b.study_ids for b in cpu]

@@ -193,6 +193,45 @@ def test_short_run_loss_falls_and_exports(corpus, tmp_path):
     assert model.config.vision.max_num_scans == 8 and not model.training
 
 
+def test_dali_reader_trains_and_its_ranks_share_each_epoch(corpus, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install hlip-fast[dali])")
+    from hlip_fast.train.data import train_loader
+    from hlip_fast.train.distributed import Dist
+
+    from hlip_fast import load_pretrained
+
+    logs = tmp_path / "logs"
+    args = run_args(
+        corpus,
+        logs,
+        "--name",
+        "dali",
+        "--reader",
+        "dali",
+        "--workers",
+        "1",
+        "--steps",
+        "4",
+        "--log-every",
+        "1",
+    )
+    assert train_main(args) == 0
+    rows = [r for r in metrics(logs / "dali") if "loss" in r]
+    assert len(rows) == 4 and all(r["nonfinite_steps"] == 0 for r in rows)
+    # The same reader for two ranks: each epoch, every training study exactly once, reshuffled.
+    cfg, model = load_config(args), load_pretrained(logs / "dali" / "final")
+    everything = sorted(s.study_id for s in RawStudies(corpus / "train", train=False))
+    orders = []
+    for epoch in (0, 1):
+        ranks = [
+            [i for b in train_loader(cfg, model, Dist(k, 2, torch.device("cpu")), epoch) for i in b.study_ids]
+            for k in range(2)
+        ]
+        assert sorted(ranks[0] + ranks[1]) == everything and not set(ranks[0]) & set(ranks[1])
+        orders.append(ranks[0])
+    assert orders[0] != orders[1]
+
+
 def launch(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(

@@ -19,7 +19,7 @@ from hlip_fast.files import read_config_file
 
 from .recipes import RECIPES, describe_recipes
 
-READERS = ("cpu", "nvcomp")
+READERS = ("cpu", "nvcomp", "dali")
 POOLING = ("token", "avg")
 TEXT_POOLING = ("cls", "mean")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -87,8 +87,13 @@ class TrainConfig:
     max_studies: int | None = knob(None, "at most this many studies per batch (none: only the token budget)")
     max_scans: int | None = knob(None, "at most this many scans per study (none: the model's position table)")
     jitter: float = knob(0.0, "random intensity scale 1 ± jitter per scan while training")
-    workers: int = knob(2, "DataLoader worker processes per rank (0: read in the main process)")
-    reader: str = knob("cpu", "decode on the CPU (workers) or on the GPU with nvCOMP", READERS)
+    workers: int = knob(2, "DataLoader worker processes per rank (0: read in the main process); DALI threads")
+    reader: str = knob(
+        "cpu",
+        "cpu: decode in DataLoader workers; nvcomp: inflate on the GPU with nvCOMP; dali: DALI reads the "
+        "shards and inflates on the GPU (on the host without CUDA)",
+        READERS,
+    )
     # model
     model: str = knob("vit_base_multiscan_h2_token1176", "vision encoder config (hlip_fast.list_models())")
     text_model: str = knob(

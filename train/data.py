@@ -28,8 +28,26 @@ def train_transforms(cfg: TrainConfig, model) -> TransformConfig:
 
 
 def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Batch]:
-    """This rank's token-budget batches of ``epoch`` (CPU workers, or nvCOMP decoding on the GPU);
-    the studies skipped as damaged (``--on-error skip``) collect in its ``skipped`` list."""
+    """This rank's token-budget batches of ``epoch``: CPU decoding in DataLoader workers, nvCOMP
+    decoding on the GPU, or DALI (inflating on the GPU when the run is on CUDA); the studies
+    skipped as damaged (``--on-error skip``) collect in its ``skipped`` list."""
+    batching = batch_config(cfg, model.config.vision.patch_size)
+    transforms = train_transforms(cfg, model)
+    if cfg.reader == "dali":
+        from hlip_fast.data.dali import DaliBatches, DaliStudies
+
+        studies = DaliStudies(
+            cfg.train_data,
+            device_id=dist.device.index if dist.device.type == "cuda" else None,
+            train=True,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            num_threads=max(1, cfg.workers),
+            on_error=cfg.on_error,
+        )
+        studies.set_epoch(epoch)
+        return DaliBatches(studies, transforms, batching)
     raw = RawStudies(
         cfg.train_data,
         train=True,
@@ -39,12 +57,11 @@ def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Ba
         on_error=cfg.on_error,
     )
     raw.set_epoch(epoch)
-    batching = batch_config(cfg, model.config.vision.patch_size)
     if cfg.reader == "nvcomp":
         from hlip_fast.data.gpu import NvcompDecoder
 
-        return StudyBatches(raw, train_transforms(cfg, model), batching, decode=NvcompDecoder(dist.device))
-    dataset = StudyBatches(raw, train_transforms(cfg, model), batching)
+        return StudyBatches(raw, transforms, batching, decode=NvcompDecoder(dist.device))
+    dataset = StudyBatches(raw, transforms, batching)
     return cpu_loader(dataset, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
 

@@ -522,7 +522,12 @@ class Trainer:
         bar = self.console.progress(
             self.total_steps, "train", "steps", every=cfg.log_every, initial=self.step
         )
-        self.console.say(f"waiting for the first batch ({cfg.workers} DataLoader worker(s) per rank)")
+        readers = {
+            "cpu": f"{cfg.workers} DataLoader worker(s) per rank",
+            "nvcomp": "nvCOMP decoding on the GPU",
+            "dali": f"DALI, {max(1, cfg.workers)} thread(s) per rank",
+        }
+        self.console.say(f"waiting for the first batch ({readers[cfg.reader]})")
         data = self.batches()
         streak, last = 0, {}
         try:

@@ -2,7 +2,8 @@
 shards; on a GPU ``fn.experimental.inflate`` decodes each study's LZ4 slices on the device in one
 call. With ``device_id=None`` (no GPU) DALI reads and the slices are decoded with ``lz4`` on the
 host. Either way every study's checksums are verified on the host (a damaged one raises a
-:class:`~hlip_fast.errors.DataError` naming it), the number of studies read must be the number
+:class:`~hlip_fast.errors.DataError` naming it, or with ``on_error="skip"`` is left out and
+recorded in ``skipped``, as the CPU reader does), the number of studies read must be the number
 the index lists, and the decoded scans go through the same transforms and batching as the CPU
 reader.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ON_ERROR, DataError
 from .batching import Batch, BatchConfig
 from .reader import decode_cpu, decode_study, token_batches
 from .shards import RawStudy, assemble_study, shard_infos
@@ -42,6 +43,7 @@ class DaliStudies:
         batch_size: int = 8,
         num_threads: int = 2,
         shuffle_buffer: int = 256,
+        on_error: str = "raise",
     ):
         try:
             import nvidia.dali  # noqa: F401
@@ -51,6 +53,12 @@ class DaliStudies:
             ) from error
         infos = shard_infos(source)
         self.shards = [str(info.path) for info in infos]
+        self.listed_ids = {  # (shard, key) -> the study id the index lists there
+            (str(info.path), key): study_id
+            for info in infos
+            if info.keys is not None
+            for key, study_id in zip(info.keys, info.study_ids)
+        }
         listed = [len(info.keys) for info in infos if info.keys is not None]
         self.listed = sum(listed) if len(listed) == len(infos) else None
         self.device_id, self.train, self.seed, self.rank, self.world_size = (
@@ -61,6 +69,10 @@ class DaliStudies:
             world_size,
         )
         self.batch_size, self.num_threads, self.shuffle_buffer = batch_size, num_threads, shuffle_buffer
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.on_error = on_error
+        self.skipped: list[dict] = []
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -121,7 +133,14 @@ class DaliStudies:
                     for ext, out in (("json", meta), ("lz4", blob), ("sizes", sizes), ("sum", sums))
                 }
                 shard, _, member = meta[i].source_info().rpartition(":")  # "shard.tar:offset:key.json"
-                raw = assemble_study(shard.rpartition(":")[0], member.partition(".")[0], members)
+                path, key = shard.rpartition(":")[0], member.partition(".")[0]
+                try:
+                    raw = assemble_study(path, key, members, listed_as=self.listed_ids.get((path, key)))
+                except DataError as error:
+                    if self.on_error == "raise":
+                        raise
+                    self.skipped.append(error.record())
+                    continue
                 scans = (
                     None if not gpu else list(torch.split(_to_torch(gpu[0][i], self.device_id), raw.depths))
                 )
@@ -129,22 +148,36 @@ class DaliStudies:
             seen += len(meta)
 
 
-def dali_batches(
-    studies: DaliStudies, transforms: TransformConfig | None = None, batching: BatchConfig | None = None
-) -> Iterator[Batch]:
-    """The DALI reader's token-budget steps: same transforms and packing as the CPU reader."""
-    transforms = transforms or TransformConfig()
-    decoded = (
-        decode_study(
-            raw,
-            decode_cpu if scans is None else lambda _, s=scans: s,
-            transforms,
-            studies.train,
-            studies.epoch,
+class DaliBatches:
+    """The DALI reader's token-budget steps: same transforms and packing as the CPU reader; the
+    studies left out as damaged (``on_error="skip"``) are in :attr:`skipped`."""
+
+    def __init__(
+        self,
+        studies: DaliStudies,
+        transforms: TransformConfig | None = None,
+        batching: BatchConfig | None = None,
+    ):
+        self.studies, self.transforms = studies, transforms or TransformConfig()
+        self.batching = batching or BatchConfig()
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.studies.skipped
+
+    def __iter__(self) -> Iterator[Batch]:
+        studies, transforms = self.studies, self.transforms
+        decoded = (
+            decode_study(
+                raw,
+                decode_cpu if scans is None else lambda _, s=scans: s,
+                transforms,
+                studies.train,
+                studies.epoch,
+            )
+            for raw, scans in studies
         )
-        for raw, scans in studies
-    )
-    return token_batches(decoded, transforms, batching or BatchConfig())
+        return token_batches(decoded, transforms, self.batching)
 
 
 def _to_torch(tensor, device_id: int) -> torch.Tensor:

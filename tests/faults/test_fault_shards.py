@@ -185,6 +185,25 @@ def test_dataloader_workers_report_skips_and_errors_intact(shards, tmp_path):
     assert str(caught.value) == record["reason"] and "Traceback" not in str(caught.value)
 
 
+def test_dali_reader_skips_or_names_a_damaged_study(shards, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install hlip-fast[dali])")
+    from hlip_fast.data.dali import DaliBatches, DaliStudies
+
+    root = copy_corpus(shards, tmp_path / "c")
+    with tarfile.open(root / VICTIM) as tar:
+        lz4 = next(m for m in tar.getmembers() if m.name.endswith(".lz4"))
+    flip(root / VICTIM, lz4.offset_data + 7)
+    everything = [s["study_id"] for sh in read_index(root)["shards"] for s in sh["studies"]]
+    batching = BatchConfig((4, 8, 8), 300)
+    loader = DaliBatches(DaliStudies(root, batch_size=3, on_error="skip"), batching=batching)
+    read = batch_ids(loader)
+    (record,) = loader.skipped
+    assert sorted(read + [record["study_id"]]) == sorted(everything) and VICTIM in record["reason"]
+    with pytest.raises(DataError) as caught:
+        batch_ids(DaliBatches(DaliStudies(root, batch_size=3), batching=batching))
+    assert str(caught.value) == record["reason"]
+
+
 def study_meta(study_id: str, depth: int) -> dict:
     """Metadata of a hand-made study: one scan of ``depth`` 8×8 uint8 slices."""
     scans = [{"shape": [depth, 8, 8]}]
