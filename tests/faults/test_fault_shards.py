@@ -168,40 +168,42 @@ def batch_ids(batches) -> list[str]:
     return [s for b in batches for s in b.study_ids]
 
 
-def test_dataloader_workers_report_skips_and_errors_intact(shards, tmp_path):
+BATCHING = BatchConfig((4, 8, 8), 300)
+
+
+def check_skip_and_raise(shards, tmp_path, loader_of) -> str:
+    """One study of a copy of the corpus damaged in its slice data: ``loader_of(root, on_error)``
+    leaves it out and records it with ``skip``, and raises its ``DataError`` with ``raise``."""
     root = copy_corpus(shards, tmp_path / "c")
     with tarfile.open(root / VICTIM) as tar:
         lz4 = next(m for m in tar.getmembers() if m.name.endswith(".lz4"))
     flip(root / VICTIM, lz4.offset_data + 7)
     everything = [s["study_id"] for sh in read_index(root)["shards"] for s in sh["studies"]]
-    batching = BatchConfig((4, 8, 8), 300)
-    loader = cpu_loader(StudyBatches(RawStudies(root, on_error="skip"), batching=batching), num_workers=2)
+    loader = loader_of(root, "skip")
     read = batch_ids(loader)
     (record,) = loader.skipped
     assert sorted(read + [record["study_id"]]) == sorted(everything) and VICTIM in record["reason"]
-    loader = cpu_loader(StudyBatches(RawStudies(root), batching=batching), num_workers=2)
     with pytest.raises(DataError) as caught:
-        batch_ids(loader)
-    assert str(caught.value) == record["reason"] and "Traceback" not in str(caught.value)
+        batch_ids(loader_of(root, "raise"))
+    assert str(caught.value) == record["reason"]
+    return str(caught.value)
+
+
+def test_dataloader_workers_report_skips_and_errors_intact(shards, tmp_path):
+    def loader_of(root, on_error):
+        return cpu_loader(StudyBatches(RawStudies(root, on_error=on_error), batching=BATCHING), num_workers=2)
+
+    assert "Traceback" not in check_skip_and_raise(shards, tmp_path, loader_of)
 
 
 def test_dali_reader_skips_or_names_a_damaged_study(shards, tmp_path):
     pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install hlip-fast[dali])")
     from hlip_fast.data.dali import DaliBatches, DaliStudies
 
-    root = copy_corpus(shards, tmp_path / "c")
-    with tarfile.open(root / VICTIM) as tar:
-        lz4 = next(m for m in tar.getmembers() if m.name.endswith(".lz4"))
-    flip(root / VICTIM, lz4.offset_data + 7)
-    everything = [s["study_id"] for sh in read_index(root)["shards"] for s in sh["studies"]]
-    batching = BatchConfig((4, 8, 8), 300)
-    loader = DaliBatches(DaliStudies(root, batch_size=3, on_error="skip"), batching=batching)
-    read = batch_ids(loader)
-    (record,) = loader.skipped
-    assert sorted(read + [record["study_id"]]) == sorted(everything) and VICTIM in record["reason"]
-    with pytest.raises(DataError) as caught:
-        batch_ids(DaliBatches(DaliStudies(root, batch_size=3), batching=batching))
-    assert str(caught.value) == record["reason"]
+    def loader_of(root, on_error):
+        return DaliBatches(DaliStudies(root, batch_size=3, on_error=on_error), batching=BATCHING)
+
+    check_skip_and_raise(shards, tmp_path, loader_of)
 
 
 def study_meta(study_id: str, depth: int) -> dict:
