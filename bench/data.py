@@ -6,16 +6,24 @@ original HLIP does), hlip_fast as uint8 LZ4 slices in tar shards. Reports studie
 GB/s of delivered float32 voxels and bytes on disk, medians over ``--repeats`` full passes.
 With CUDA (and ``nvidia-nvcomp-cu13``), also the nvCOMP GPU decode of the same shards.
 
+``--preset ct-rate``: HLIP's chest-CT shape (one 112×336×336 uint8 scan per study) instead of
+the ``medium`` brain-MRI-like corpus, against the reader as it was before its intensity step
+became one in-place affine map (``(x / max - mean) / std`` in three float32 passes, the
+baseline here, the same decoded bytes); with volumes/s and GB/s per CPU core and their
+projection to a 16-core GPU host against HLIP's training rate (150 volumes/s; a reader should
+give twice that). No ``torch.load`` files: they would take 50 MB per volume.
+
 The cost of verifying every study's checksums: passes with and without verification,
 interleaved, through the DataLoader workers (the reader's throughput) and in one process (the
 CPU time per study; noisy on a shared machine).
 
-    python bench/data.py [--studies 96] [--workers 2] [--repeats 3] [--checksum-repeats 11]
+    python bench/data.py [--preset medium|ct-rate] [--studies 96] [--workers 2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -26,8 +34,21 @@ from common import measure, median, write_results
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from hlip_fast.data import PrepareConfig, list_shards
+from hlip_fast.data.config import HLIP_INPUT_MEAN, HLIP_INPUT_STD
 from hlip_fast.data.reader import RawStudies, StudyBatches, decode_cpu
-from hlip_fast.data.synth import SIZES, synthesize
+from hlip_fast.data.synth import SIZES, SynthConfig, synthesize
+from hlip_fast.data.transforms import TransformConfig
+
+PRESETS = {
+    "medium": replace(SIZES["medium"], seed=1),
+    "ct-rate": SynthConfig(
+        num_studies=24, modality="CT", max_scans=1, depth_range=(112, 112), grid=(336, 336), seed=1
+    ),
+}
+"""The corpora: brain-MRI-like studies (1-6 scans of 16-48 slices, 96×96), or HLIP's chest CT."""
+TRAINING_RATE, HOST_CORES = 150.0, 16
+"""HLIP's ViT-B chest-CT training rate on one GPU (volumes/s) and the cores of the GPU host the
+per-core rate is projected to."""
 
 
 class PtFiles(Dataset):
@@ -46,11 +67,25 @@ class PtFiles(Dataset):
 class DecodedStudies(IterableDataset):
     """hlip_fast's CPU reader up to decoded, normalised studies (no batching, like the baseline)."""
 
-    def __init__(self, root: Path, verify: bool = True):
-        self.batches = StudyBatches(RawStudies(root, verify=verify))
+    def __init__(self, root: Path, verify: bool = True, transforms: TransformConfig | None = None):
+        self.batches = StudyBatches(RawStudies(root, verify=verify), transforms)
 
     def __iter__(self):
         return (study.scans for study in self.batches.studies())
+
+
+class UnfusedStudies(IterableDataset):
+    """The baseline of ``--preset ct-rate``: the same decoded bytes, normalised as the reader did
+    before (``(x.float() / max - mean) / std``: three float32 passes and temporaries)."""
+
+    def __init__(self, root: Path, transforms: TransformConfig):
+        self.raws, self.transforms = RawStudies(root), transforms
+
+    def __iter__(self):
+        t = self.transforms
+        for raw in self.raws:
+            top = 255.0 if raw.meta["dtype"] == "uint8" else 65535.0
+            yield [(scan.to(torch.float32) / top - t.mean) / t.std for scan in decode_cpu(raw)]
 
 
 def write_baseline(root: Path, out: Path) -> list[list[Path]]:
@@ -98,34 +133,58 @@ def checksum_cost(root: Path, workers: int, repeats: int) -> dict[str, dict[str,
     return cost
 
 
+def loaders_and_disk(preset: str, root: Path, workers: int) -> tuple[dict, dict]:
+    """The readers to time (the baseline first) and the bytes each reads from disk."""
+    shards = sum(p.stat().st_size for p in list_shards(root / "shards"))
+    if preset == "ct-rate":
+        hlip = TransformConfig(mean=HLIP_INPUT_MEAN, std=HLIP_INPUT_STD)
+        loaders = {
+            "hlip_fast_unfused": lambda: DataLoader(
+                UnfusedStudies(root / "shards", hlip), batch_size=None, num_workers=workers
+            ),
+            "hlip_fast_shards": lambda: DataLoader(
+                DecodedStudies(root / "shards", transforms=hlip), batch_size=None, num_workers=workers
+            ),
+        }
+        return loaders, dict.fromkeys(loaders, shards)
+    (root / "pt").mkdir()
+    baseline_files = write_baseline(root / "shards", root / "pt")
+    loaders = {
+        "torch_load_pt": lambda: DataLoader(
+            PtFiles(baseline_files), batch_size=None, num_workers=workers, shuffle=True
+        ),
+        "hlip_fast_shards": lambda: DataLoader(
+            DecodedStudies(root / "shards"), batch_size=None, num_workers=workers
+        ),
+    }
+    return loaders, {
+        "torch_load_pt": sum(p.stat().st_size for s in baseline_files for p in s),
+        "hlip_fast_shards": shards,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--studies", type=int, default=96)
+    parser.add_argument("--preset", choices=list(PRESETS), default="medium", help="the corpus (see above)")
+    parser.add_argument("--studies", type=int, help="studies (default: 96 for medium, 24 for ct-rate)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--checksum-repeats", type=int, default=11, help="interleaved passes with and without checksums"
+        "--checksum-repeats",
+        type=int,
+        default=11,
+        help="interleaved passes with and without checksums (medium)",
     )
     args = parser.parse_args()
-    if min(args.studies, args.workers + 1, args.repeats, args.checksum_repeats) < 1:
+    studies = args.studies or (96 if args.preset == "medium" else PRESETS[args.preset].num_studies)
+    if min(studies, args.workers + 1, args.repeats, args.checksum_repeats) < 1:
         parser.error("--studies, --repeats and --checksum-repeats must be >= 1, --workers >= 0")
-    config = replace(SIZES["medium"], num_studies=args.studies, seed=1)
+    config = replace(PRESETS[args.preset], num_studies=studies)
     work = Path(tempfile.mkdtemp(prefix="hlip_data_bench_"))
-    synthesize(work / "shards", config, PrepareConfig(studies_per_shard=16), workers=args.workers)
-    (work / "pt").mkdir()
-    baseline_files = write_baseline(work / "shards", work / "pt")
-    disk = {
-        "torch_load_pt": sum(p.stat().st_size for s in baseline_files for p in s),
-        "hlip_fast_shards": sum(p.stat().st_size for p in list_shards(work / "shards")),
-    }
-    loaders = {
-        "torch_load_pt": lambda: DataLoader(
-            PtFiles(baseline_files), batch_size=None, num_workers=args.workers, shuffle=True
-        ),
-        "hlip_fast_shards": lambda: DataLoader(
-            DecodedStudies(work / "shards"), batch_size=None, num_workers=args.workers
-        ),
-    }
+    synthesize(
+        work / "shards", config, PrepareConfig(grid=config.grid, studies_per_shard=16), workers=args.workers
+    )
+    loaders, disk = loaders_and_disk(args.preset, work, args.workers)
     if torch.cuda.is_available():
         try:
             from hlip_fast.data.gpu import NvcompDecoder
@@ -136,6 +195,7 @@ def main() -> None:
             disk["hlip_fast_nvcomp_gpu"] = disk["hlip_fast_shards"]
         except RuntimeError as error:
             print(f"nvCOMP skipped: {error}")
+    cores = max(1, args.workers)
     rows = []
     for name, make in loaders.items():
         counts = {}
@@ -150,6 +210,8 @@ def main() -> None:
                 "studies_per_s": counts["s"] / t,
                 "volumes_per_s": counts["v"] / t,
                 "gb_per_s": counts["x"] * 4 / t / 1e9,
+                "volumes_per_s_per_core": counts["v"] / t / cores,
+                "gb_per_s_per_core": counts["x"] * 4 / t / 1e9 / cores,
                 "disk_mb": disk[name] / 1e6,
                 "studies": counts["s"],
                 "volumes": counts["v"],
@@ -157,31 +219,54 @@ def main() -> None:
         )
     base = rows[0]["studies_per_s"]
     print(
-        f"{config.num_studies} studies, grid {config.grid}, {args.workers} workers, median of {args.repeats}"
+        f"{args.preset}: {config.num_studies} studies, grid {config.grid}, {args.workers} workers, "
+        f"median of {args.repeats}"
     )
-    print("| reader | studies/s | volumes/s | GB/s (float32 out) | on disk (MB) | vs torch.load |")
+    print(f"| reader | studies/s | volumes/s | GB/s (float32 out) | on disk (MB) | vs {rows[0]['reader']} |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['reader']} | {r['studies_per_s']:.1f} | {r['volumes_per_s']:.1f} | {r['gb_per_s']:.3f} "
             f"| {r['disk_mb']:.1f} | {r['studies_per_s'] / base:.2f}× |"
         )
-    cost = checksum_cost(work / "shards", args.workers, args.checksum_repeats)
-    reader, alone = cost["reader"], cost["one_process"]
-    print(
-        f"checksums: {100 * reader['overhead']:+.1f}% reader time ({args.workers} DataLoader workers), "
-        f"{100 * alone['overhead']:+.1f}% in one process ({alone['verified_s']:.3f} vs "
-        f"{alone['unverified_s']:.3f} s a pass), medians of {args.checksum_repeats} interleaved passes"
-    )
-    device = "gpu" if torch.cuda.is_available() else "cpu"
     settings = {
-        "studies": args.studies,
+        "preset": args.preset,
+        "studies": studies,
         "workers": args.workers,
         "repeats": args.repeats,
-        "checksum_repeats": args.checksum_repeats,
         "grid": config.grid,
+        "depth_range": config.depth_range,
     }
-    path = write_results(f"data_{device}", {"config": settings, "results": rows, "checksums": cost})
+    payload = {"config": settings, "results": rows}
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    if args.preset == "ct-rate":
+        reader = next(r for r in rows if r["reader"] == "hlip_fast_shards")
+        projected = reader["volumes_per_s_per_core"] * HOST_CORES
+        payload["projection"] = {
+            "host_cores": HOST_CORES,
+            "volumes_per_s": projected,
+            "training_volumes_per_s": TRAINING_RATE,
+            "margin": projected / TRAINING_RATE,
+        }
+        per_core = f"{reader['volumes_per_s_per_core']:.1f} volumes/s, {reader['gb_per_s_per_core']:.3f} GB/s"
+        print(
+            f"per core: {per_core}; on {HOST_CORES} cores (if it scales linearly): {projected:.0f} "
+            f"volumes/s = {projected / TRAINING_RATE:.1f}× HLIP's {TRAINING_RATE:.0f} volumes/s training "
+            "rate (want >= 2×)"
+        )
+        path = write_results(f"data_ct_rate_{device}", payload)
+    else:
+        cost = checksum_cost(work / "shards", args.workers, args.checksum_repeats)
+        reader, alone = cost["reader"], cost["one_process"]
+        print(
+            f"checksums: {100 * reader['overhead']:+.1f}% reader time ({args.workers} DataLoader workers), "
+            f"{100 * alone['overhead']:+.1f}% in one process ({alone['verified_s']:.3f} vs "
+            f"{alone['unverified_s']:.3f} s a pass), medians of {args.checksum_repeats} interleaved passes"
+        )
+        settings["checksum_repeats"] = args.checksum_repeats
+        payload["checksums"] = cost
+        path = write_results(f"data_{device}", payload)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path}")
 
 

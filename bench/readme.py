@@ -2,8 +2,8 @@
 every figure the README shows is one a script printed and recorded.
 
 Each section sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; ``NAME`` is
-the result kind (``demo``, ``encoder``, ``attention``, ``data``, ``train``, ``tile_model``,
-``layout``) and its newest
+the result kind (``demo``, ``encoder``, ``attention``, ``data``, ``data_ct_rate``, ``train``,
+``tile_model``, ``layout``) and its newest
 ``bench/results/NAME_cpu_<date>.json`` fills it.
 
     python bench/readme.py            # rewrite README.md
@@ -163,6 +163,35 @@ def data(path: Path, result: dict) -> str:
     return text
 
 
+def data_ct_rate(path: Path, result: dict) -> str:
+    c, p = result["config"], result["projection"]
+    names = {
+        "hlip_fast_unfused": "CPU reader, three-pass normalisation (before)",
+        "hlip_fast_shards": "CPU reader, one in-place affine map (now)",
+    }
+    base = result["results"][0]["volumes_per_s"]
+    rows = [
+        [
+            names.get(r["reader"], r["reader"]),
+            f"{r['volumes_per_s']:.1f}",
+            f"{r['gb_per_s']:.3f}",
+            f"{r['volumes_per_s_per_core']:.1f}",
+            f"{r['volumes_per_s'] / base:.2f}×",
+        ]
+        for r in result["results"]
+    ]
+    depth, (h, w) = c["depth_range"][0], c["grid"]
+    return (
+        f"`python bench/data.py --preset ct-rate` — {_machine(result)}, {c['studies']} studies of one "
+        f"{depth}×{h}×{w} uint8 scan, {c['workers']} DataLoader workers, medians of {c['repeats']} passes "
+        f"({_source(path)}):\n\n"
+        + _table(["reader", "volumes/s", "GB/s (float32 out)", "volumes/s per core", "speed-up"], rows)
+        + f"\n\nProjected to a {p['host_cores']}-core GPU host (the per-core rate times the cores, if it "
+        f"scales linearly): {p['volumes_per_s']:.0f} volumes/s, {p['margin']:.1f}× HLIP's training rate of "
+        f"{p['training_volumes_per_s']:.0f} volumes/s (the goal is 2×).\n"
+    )
+
+
 def train(path: Path, result: dict) -> str:
     c, r = result["config"], result["results"]
     rows = [
@@ -240,6 +269,7 @@ RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "encoder": encoder,
     "attention": attention,
     "data": data,
+    "data_ct_rate": data_ct_rate,
     "train": train,
     "tile_model": tile_model,
     "layout": layout,

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,22 @@ def _load(model: str, pretrained: bool):
         ) from error
 
 
+@dataclass
+class ReportTokenizer:
+    """Reports → padded token tensors (``input_ids``, ``attention_mask``, ...), truncated to the
+    text tower's context. Holds only the tokenizer, so DataLoader workers can take it and
+    tokenise each batch's reports beside decoding its scans."""
+
+    tokenizer: Any
+    context_length: int
+
+    def __call__(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return dict(encoded)
+
+
 class TextTower(nn.Module):
     """``tokenize(texts)`` → ``forward(tokens)`` → ``(batch, embed_dim)`` projected embeddings."""
 
@@ -79,16 +96,12 @@ class TextTower(nn.Module):
         self.tokenizer.save_pretrained(out_dir)
         self.transformer.config.save_pretrained(out_dir)
 
+    def report_tokenizer(self) -> ReportTokenizer:
+        """This tower's tokenisation, as an object a DataLoader worker can take."""
+        return ReportTokenizer(self.tokenizer, self.config.context_length)
+
     def tokenize(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.tokenizer(
-                list(texts),
-                padding=True,
-                truncation=True,
-                max_length=self.config.context_length,
-                return_tensors="pt",
-            )
-        )
+        return self.report_tokenizer()(texts)
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = tokens["attention_mask"]

@@ -42,7 +42,8 @@ def test_eval_decodes_exactly_and_deterministically(corpus):
         expected = torch.split(torch.from_numpy(volume).float() / 255.0, r.depths)
         assert a.study_id == r.study_id and a.report == r.meta["report"] and a.labels == r.meta["labels"]
         for x, y, z in zip(a.scans, b.scans, expected):
-            assert torch.equal(x, y) and torch.equal(x, z)
+            assert torch.equal(x, y)  # deterministic, bit for bit
+            torch.testing.assert_close(x, z, rtol=1e-6, atol=1e-7)  # x / 255 up to float32 rounding
 
 
 def test_train_augmentation_seeded_per_epoch(corpus):
@@ -81,6 +82,24 @@ def test_rank_and_worker_sharding_cover_every_study_once(corpus, train):
         for s in b.study_ids
     ]
     assert sorted(loaded) == sorted(everything)
+
+
+def test_workers_tokenise_the_reports_of_their_batches_as_the_text_tower_does(corpus, tiny_text):
+    from hlip_fast.text import TextConfig, TextTower
+
+    tower = TextTower(TextConfig(tiny_text[0], context_length=16), 8)
+    reader = StudyBatches(
+        RawStudies(corpus, train=True, seed=2),
+        batching=BatchConfig(PATCH, 300),
+        tokenize=tower.report_tokenizer(),
+    )
+    batches = list(cpu_loader(reader, num_workers=2))
+    assert batches and all(b.text is not None for b in batches)
+    for batch in batches:  # the shuffled sentences the worker made, tokenised there
+        expected = tower.tokenize(batch.reports)
+        assert batch.text.keys() == expected.keys()
+        assert all(torch.equal(batch.text[k], expected[k]) for k in expected)
+        assert batch.text["input_ids"].shape[1] <= 16
 
 
 def test_shuffle_depends_on_epoch(corpus):

@@ -442,8 +442,10 @@ def test_accumulation_equals_the_whole_batch(corpus, tmp_path):
         halves = list(fixed_batches(trainer, 2, 0, steps=1)) + list(fixed_batches(trainer, 2, 1, steps=1))
         trainer.train_step(halves if accum == 2 else list(fixed_batches(trainer, 1, 0, steps=1)))
         weights[accum] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    # AdamW turns rounding-level gradient differences on near-zero gradients into steps of up to a
+    # few 1e-5 here; a wrong accumulation moves many weights by a good part of lr (1e-3).
     for key, value in weights[1].items():
-        torch.testing.assert_close(weights[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(weights[2][key], value, rtol=1e-4, atol=1e-4, msg=key)
 
 
 def test_output_is_one_line_per_phase_plain_lines_or_quiet(corpus, tmp_path, capsys):

@@ -28,11 +28,12 @@ def train_transforms(cfg: TrainConfig, model) -> TransformConfig:
 
 
 def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Batch]:
-    """This rank's token-budget batches of ``epoch``: CPU decoding in DataLoader workers, nvCOMP
-    decoding on the GPU, or DALI (inflating on the GPU when the run is on CUDA); the studies
-    skipped as damaged (``--on-error skip``) collect in its ``skipped`` list."""
+    """This rank's token-budget batches of ``epoch``, their reports already tokenised: CPU
+    decoding in DataLoader workers, nvCOMP decoding on the GPU, or DALI (inflating on the GPU
+    when the run is on CUDA); the studies skipped as damaged (``--on-error skip``) collect in
+    its ``skipped`` list."""
     batching = batch_config(cfg, model.config.vision.patch_size)
-    transforms = train_transforms(cfg, model)
+    transforms, tokenize = train_transforms(cfg, model), model.text.report_tokenizer()
     if cfg.reader == "dali":
         from hlip_fast.data.dali import DaliBatches, DaliStudies
 
@@ -47,7 +48,7 @@ def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Ba
             on_error=cfg.on_error,
         )
         studies.set_epoch(epoch)
-        return DaliBatches(studies, transforms, batching)
+        return DaliBatches(studies, transforms, batching, tokenize)
     raw = RawStudies(
         cfg.train_data,
         train=True,
@@ -60,8 +61,8 @@ def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Ba
     if cfg.reader == "nvcomp":
         from hlip_fast.data.gpu import NvcompDecoder
 
-        return StudyBatches(raw, transforms, batching, decode=NvcompDecoder(dist.device))
-    dataset = StudyBatches(raw, transforms, batching)
+        return StudyBatches(raw, transforms, batching, NvcompDecoder(dist.device), tokenize)
+    dataset = StudyBatches(raw, transforms, batching, tokenize=tokenize)
     return cpu_loader(dataset, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
 

@@ -423,13 +423,15 @@ class Trainer:
             return self.loss(study, text, out["logit_scale"], out["logit_bias"])
         return self.loss(study, text, out["logit_scale"])
 
+    def _tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The batch's report tokens: made by the reader, or here for a batch made without them."""
+        return batch.text if batch.text is not None else self.model.tokenize(batch.reports)
+
     def train_step(self, micro: list[Batch]) -> dict:
         """Forward, backward and update on ``micro`` (``accum_freq`` batches); skips the update
         (and counts it) when the loss or the gradient norm is not finite on any rank."""
         self.net.train()
-        inputs = [
-            (b.studies.to(self.dist.device, non_blocking=True), self.model.tokenize(b.reports)) for b in micro
-        ]
+        inputs = [(b.studies.to(self.dist.device, non_blocking=True), self._tokens(b)) for b in micro]
         if len(micro) == 1:
             with self._autocast():
                 out = self.net(*inputs[0])

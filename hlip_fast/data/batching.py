@@ -19,14 +19,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    """One step: packed patches and layout, the reports, and labels ``(studies, classes)``
-    (``-1`` where a study lacks a label or it is unknown, ``null``)."""
+    """One step: packed patches and layout, the reports (and, from a reader given a
+    ``tokenize``, their tokens), and labels ``(studies, classes)`` (``-1`` where a study lacks a
+    label or it is unknown, ``null``)."""
 
     studies: StudyBatch
     reports: list[str]
     labels: torch.Tensor
     label_names: tuple[str, ...]
     fill: float
+    text: dict[str, torch.Tensor] | None = None
+    """The reports tokenised where the batch was made (a reader given a ``tokenize``)."""
 
     @property
     def study_ids(self) -> tuple[str, ...]:

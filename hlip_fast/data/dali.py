@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ON_ERROR, DataError
 from .batching import Batch, BatchConfig
-from .reader import decode_cpu, decode_study, token_batches
+from .reader import Tokenize, decode_cpu, decode_study, token_batches
 from .shards import RawStudy, assemble_study, shard_infos
 from .transforms import TransformConfig
 
@@ -115,8 +115,17 @@ class DaliStudies:
     def __iter__(self) -> Iterator[tuple[RawStudy, list[torch.Tensor] | None]]:
         """``(stored study, its scans decoded on the GPU)``, or ``(study, None)`` without a GPU."""
         config = json.loads((Path(self.shards[0]).parent / "prepare_config.json").read_text())["config"]
-        pipe = self._pipeline(tuple(config["grid"]), config["dtype"])
-        total = pipe.reader_meta("reader")["epoch_size"]
+        running = {"pipe": self._pipeline(tuple(config["grid"]), config["dtype"])}
+        try:
+            yield from self._read(running)
+        finally:
+            # DALI's threads live as long as its pipeline. Only `running` holds it, so it goes
+            # now, not whenever a traceback that holds these frames does: a fork while the
+            # threads run (a DataLoader starting its workers) can deadlock the child.
+            running.clear()
+
+    def _read(self, running: dict) -> Iterator[tuple[RawStudy, list[torch.Tensor] | None]]:
+        total = running["pipe"].reader_meta("reader")["epoch_size"]
         if self.listed is not None and total != self.listed:
             raise DataError(
                 f"DALI finds {total} studies in {len(self.shards)} shard(s), the index lists {self.listed}: "
@@ -126,7 +135,7 @@ class DaliStudies:
         count = total * (self.rank + 1) // self.world_size - total * self.rank // self.world_size
         seen = 0
         while seen < count:
-            meta, blob, sizes, sums, *gpu = pipe.run()
+            meta, blob, sizes, sums, *gpu = running["pipe"].run()
             for i in range(min(len(meta), count - seen)):
                 members = {
                     ext: np.asarray(out.at(i)).tobytes()
@@ -149,17 +158,18 @@ class DaliStudies:
 
 
 class DaliBatches:
-    """The DALI reader's token-budget steps: same transforms and packing as the CPU reader; the
-    studies left out as damaged (``on_error="skip"``) are in :attr:`skipped`."""
+    """The DALI reader's token-budget steps: same transforms, packing and tokenisation as the CPU
+    reader; the studies left out as damaged (``on_error="skip"``) are in :attr:`skipped`."""
 
     def __init__(
         self,
         studies: DaliStudies,
         transforms: TransformConfig | None = None,
         batching: BatchConfig | None = None,
+        tokenize: Tokenize | None = None,
     ):
         self.studies, self.transforms = studies, transforms or TransformConfig()
-        self.batching = batching or BatchConfig()
+        self.batching, self.tokenize = batching or BatchConfig(), tokenize
 
     @property
     def skipped(self) -> list[dict]:
@@ -177,7 +187,7 @@ class DaliBatches:
             )
             for raw, scans in studies
         )
-        return token_batches(decoded, transforms, self.batching)
+        return token_batches(decoded, transforms, self.batching, self.tokenize)
 
 
 def _to_torch(tensor, device_id: int) -> torch.Tensor:

@@ -179,13 +179,24 @@ def decoded_studies(
         yield study
 
 
+Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
+"""Reports → token tensors (e.g. :class:`~hlip_fast.text.ReportTokenizer`)."""
+
+
 def token_batches(
-    studies: Iterable[Study], transforms: TransformConfig, batching: BatchConfig
+    studies: Iterable[Study],
+    transforms: TransformConfig,
+    batching: BatchConfig,
+    tokenize: Tokenize | None = None,
 ) -> Iterator[Batch]:
-    """Studies grouped into token-budget steps and packed on the scans' device."""
+    """Studies grouped into token-budget steps and packed on the scans' device, their reports
+    tokenised with ``tokenize`` when given (in the DataLoader worker that makes the batch)."""
     pad = (0.0 - transforms.mean) / transforms.std
     for members in batching.budget()(studies):
-        yield collate(members, batching.patch_size, pad, batching.max_tokens)
+        batch = collate(members, batching.patch_size, pad, batching.max_tokens)
+        if tokenize is not None:
+            batch.text = tokenize(batch.reports)
+        yield batch
 
 
 class StudyBatches(IterableDataset):
@@ -194,7 +205,8 @@ class StudyBatches(IterableDataset):
     ``decode`` turns a stored study into its integer scans: :func:`decode_cpu` (the CPU reader,
     in DataLoader workers) or a GPU decoder such as :class:`~hlip_fast.data.gpu.NvcompDecoder`
     (iterate in the main process); everything after decoding runs on the scans' device. Studies
-    skipped under ``on_error="skip"`` are in :attr:`skipped`.
+    skipped under ``on_error="skip"`` are in :attr:`skipped`. With ``tokenize`` each batch
+    carries its reports' tokens (``Batch.text``), made where the batch is made.
     """
 
     def __init__(
@@ -203,10 +215,11 @@ class StudyBatches(IterableDataset):
         transforms: TransformConfig | None = None,
         batching: BatchConfig | None = None,
         decode: Callable[[RawStudy], list[torch.Tensor]] = decode_cpu,
+        tokenize: Tokenize | None = None,
     ):
         self.raw, self.transforms = raw, transforms or TransformConfig()
         self.batching = batching or BatchConfig()
-        self.decode = decode
+        self.decode, self.tokenize = decode, tokenize
 
     @property
     def skipped(self) -> list[dict]:
@@ -220,7 +233,7 @@ class StudyBatches(IterableDataset):
         return decoded_studies(raw, self.transforms, raw.train, raw.epoch, self.decode, on_damage=raw.damaged)
 
     def __iter__(self) -> Iterator[Batch]:
-        return token_batches(self.studies(), self.transforms, self.batching)
+        return token_batches(self.studies(), self.transforms, self.batching, self.tokenize)
 
 
 @dataclass

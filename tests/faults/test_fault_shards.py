@@ -4,6 +4,7 @@ naming the shard, and in skip mode every study is either read intact or counted 
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -171,9 +172,10 @@ def batch_ids(batches) -> list[str]:
 BATCHING = BatchConfig((4, 8, 8), 300)
 
 
-def check_skip_and_raise(shards, tmp_path, loader_of) -> str:
+def check_skip_and_raise(shards, tmp_path, loader_of) -> tuple[Path, str]:
     """One study of a copy of the corpus damaged in its slice data: ``loader_of(root, on_error)``
-    leaves it out and records it with ``skip``, and raises its ``DataError`` with ``raise``."""
+    leaves it out and records it with ``skip``, and raises its ``DataError`` with ``raise``
+    (returned: the damaged corpus and the error's message)."""
     root = copy_corpus(shards, tmp_path / "c")
     with tarfile.open(root / VICTIM) as tar:
         lz4 = next(m for m in tar.getmembers() if m.name.endswith(".lz4"))
@@ -186,14 +188,14 @@ def check_skip_and_raise(shards, tmp_path, loader_of) -> str:
     with pytest.raises(DataError) as caught:
         batch_ids(loader_of(root, "raise"))
     assert str(caught.value) == record["reason"]
-    return str(caught.value)
+    return root, str(caught.value)
 
 
 def test_dataloader_workers_report_skips_and_errors_intact(shards, tmp_path):
     def loader_of(root, on_error):
         return cpu_loader(StudyBatches(RawStudies(root, on_error=on_error), batching=BATCHING), num_workers=2)
 
-    assert "Traceback" not in check_skip_and_raise(shards, tmp_path, loader_of)
+    assert "Traceback" not in check_skip_and_raise(shards, tmp_path, loader_of)[1]
 
 
 def test_dali_reader_skips_or_names_a_damaged_study(shards, tmp_path):
@@ -203,7 +205,14 @@ def test_dali_reader_skips_or_names_a_damaged_study(shards, tmp_path):
     def loader_of(root, on_error):
         return DaliBatches(DaliStudies(root, batch_size=3, on_error=on_error), batching=BATCHING)
 
-    check_skip_and_raise(shards, tmp_path, loader_of)
+    root, _ = check_skip_and_raise(shards, tmp_path, loader_of)
+    threads = len(os.listdir("/proc/self/task"))
+    try:
+        list(DaliStudies(root, batch_size=3))
+    except DataError as error:
+        kept = error  # its traceback holds the reader's frames
+    # DALI's threads ended with the error: a fork now (a DataLoader's workers) cannot deadlock.
+    assert len(os.listdir("/proc/self/task")) == threads and VICTIM in str(kept)
 
 
 def study_meta(study_id: str, depth: int) -> dict:
