@@ -37,9 +37,12 @@ def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Ba
     if cfg.reader == "dali":
         from hlip_fast.data.dali import DaliBatches, DaliStudies
 
+        device_id = None  # DALI decodes on the host
+        if dist.device.type == "cuda":  # DALI wants an index; a bare "cuda" is the current device
+            device_id = torch.cuda.current_device() if dist.device.index is None else dist.device.index
         studies = DaliStudies(
             cfg.train_data,
-            device_id=dist.device.index if dist.device.type == "cuda" else None,
+            device_id=device_id,
             train=True,
             seed=cfg.seed,
             rank=dist.rank,
