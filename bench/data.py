@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import measure, median, write_results
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -84,7 +85,7 @@ class UnfusedStudies(IterableDataset):
     def __iter__(self):
         t = self.transforms
         for raw in self.raws:
-            top = 255.0 if raw.meta["dtype"] == "uint8" else 65535.0
+            top = float(np.iinfo(raw.meta["dtype"]).max)
             yield [(scan.to(torch.float32) / top - t.mean) / t.std for scan in decode_cpu(raw)]
 
 

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per repeat")
     parser.add_argument("--device", default="cpu", help="where the layout's tensors go (cpu, cuda)")
     args = parser.parse_args()
+    if min(args.repeats, args.calls) < 1:
+        parser.error("--repeats and --calls must be >= 1")
 
     results = []
     for studies in (8, 64):

@@ -3,6 +3,8 @@ errors name the file, line and column; writes are atomic and name the file when 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import secrets
@@ -27,6 +29,18 @@ def decode_text(data: bytes, where: str | os.PathLike) -> str:
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 text file (a BOM is dropped)."""
     return decode_text(Path(path).read_bytes(), path).removeprefix("\ufeff")
+
+
+def read_csv_rows(path: str | os.PathLike, required: set[str]) -> list[tuple[str, dict]]:
+    """``("file:line", row)`` for every row of a CSV file with a header; a missing ``required``
+    column or unreadable CSV is a ``ValueError`` naming the file and line."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if missing := required - set(reader.fieldnames or ()):
+        raise ValueError(f"{path}:1: missing column(s) {sorted(missing)} (columns: {reader.fieldnames})")
+    try:
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
+    except csv.Error as error:
+        raise ValueError(f"{path}:{reader.line_num}: unreadable CSV: {error}") from None
 
 
 def parse_json(text: str, where: str) -> Any:

@@ -55,7 +55,8 @@ class Layout:
     """Segment structure of a packed batch at the slice, scan and study levels.
 
     Host arrays (NumPy): ``grids`` ``(num_scans, 3)`` patch grid ``(d, h, w)`` per scan,
-    ``scan_study`` study index per scan, ``scan_offsets`` ``(num_scans + 1)`` token offsets.
+    ``scan_study`` study index per scan (``scan_offsets`` and ``scan_tokens`` come from the scan
+    level).
     Plain ints (``num_tokens``, each level's ``num_segments``) keep ``torch.compile`` from
     treating sizes as data. Device tensors: per level :class:`LevelLayout`; ``scan_study_index`` and
     ``scan_position`` (index of each scan within its study) as int64 for embedding look-ups.
@@ -65,7 +66,6 @@ class Layout:
 
     grids: np.ndarray
     scan_study: np.ndarray
-    scan_offsets: np.ndarray
     slice_depth: int
     levels: dict[str, LevelLayout]
     scan_study_index: torch.Tensor
@@ -108,7 +108,6 @@ class Layout:
         num_studies = len(scans_per_study)
         scan_study = np.repeat(np.arange(num_studies), scans_per_study)
         scan_tokens = grids.prod(axis=1)
-        scan_offsets = np.concatenate([[0], np.cumsum(scan_tokens)])
         study_offsets = np.concatenate([[0], np.cumsum(scans_per_study)])
         scan_position = np.arange(len(grids)) - study_offsets[scan_study]
 
@@ -125,12 +124,11 @@ class Layout:
         return cls(
             grids=grids,
             scan_study=scan_study,
-            scan_offsets=scan_offsets,
             slice_depth=slice_depth,
             levels=levels,
             scan_study_index=torch.from_numpy(scan_study).to(device),
             scan_position=torch.from_numpy(scan_position).to(device),
-            num_tokens=int(scan_offsets[-1]),
+            num_tokens=int(levels["scan"].offsets[-1]),
         )
 
     @property
@@ -146,9 +144,14 @@ class Layout:
         return self.levels["study"].num_segments
 
     @property
+    def scan_offsets(self) -> np.ndarray:
+        """Host token offsets of the scans, ``num_scans + 1`` (the scan level's boundaries)."""
+        return self.levels["scan"].offsets
+
+    @property
     def scan_tokens(self) -> np.ndarray:
         """Host number of tokens in each scan."""
-        return np.diff(self.scan_offsets)
+        return self.levels["scan"].seqlens
 
     def level(self, level: str) -> LevelLayout:
         """The segments of ``level`` (``"slice"``, ``"scan"`` or ``"study"``)."""
@@ -179,7 +182,6 @@ class Layout:
         return Layout(
             grids=self.grids,
             scan_study=self.scan_study,
-            scan_offsets=self.scan_offsets,
             slice_depth=self.slice_depth,
             levels=levels,
             scan_study_index=move(self.scan_study_index),

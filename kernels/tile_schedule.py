@@ -165,10 +165,7 @@ def build_schedules(cus: list[np.ndarray], class_rows: bool, heights: tuple[int,
     calls of one."""
     cus = [np.asarray(cu, dtype=np.int64) for cu in cus]
     runs = SegmentRuns.of(cus, class_rows)
-    if len(heights) == 1:
-        part_m = np.full(len(cus), heights[0], dtype=np.int64)
-    else:
-        part_m = pick_heights(runs.visited(heights), heights)
+    part_m = pick_heights(runs.visited(heights), heights)
     # Per item everything is int32: NumPy's large temporaries cost more than the arithmetic on
     # them (fresh pages), so they are kept as small as they can be.
     m = np.repeat(part_m, np.diff(runs.part_runs)).astype(np.int32)

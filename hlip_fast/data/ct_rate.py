@@ -22,8 +22,6 @@ by ``prepare`` like any other file.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -31,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import read_text
+from ..files import read_csv_rows
 from .manifest import ScanEntry, StudyEntry, check_rescale
 from .volumes import check_spacing
 
@@ -129,17 +127,9 @@ def _find_split_folder(root: Path, prefixes: tuple[str, ...]) -> Path:
 
 def _csv_rows(path: Path) -> Iterable[tuple[str, str, dict]]:
     """``(volume name, "file:line", row)`` for every row of a CT-RATE CSV."""
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    if "VolumeName" not in (reader.fieldnames or ()):
-        raise ValueError(f"{path}:1: no VolumeName column (columns: {reader.fieldnames})")
-    try:
-        for row in reader:
-            name = (row.get("VolumeName") or "").strip()
-            if name:
-                name = name if name.endswith(".nii.gz") else f"{name}.nii.gz"
-                yield name, f"{path}:{reader.line_num}", row
-    except csv.Error as error:
-        raise ValueError(f"{path}:{reader.line_num}: unreadable CSV: {error}") from None
+    for where, row in read_csv_rows(path, {"VolumeName"}):
+        if name := (row.get("VolumeName") or "").strip():
+            yield (name if name.endswith(".nii.gz") else f"{name}.nii.gz"), where, row
 
 
 def _studies(volumes: Iterable[_Volume], recons: str) -> list[list[_Volume]]:

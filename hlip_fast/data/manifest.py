@@ -11,15 +11,13 @@ report"); labels as an object whose values are ``true``/``false``/``0``/``1`` or
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import problem_list
-from ..files import parse_json, read_text
+from ..files import parse_json, read_csv_rows, read_text
 from .volumes import check_spacing
 
 
@@ -120,10 +118,9 @@ def _study(row: dict, base: Path, where: str) -> StudyEntry:
 def _rows(path: Path) -> list[tuple[str, object]]:
     """``(where, row)`` for every row of a ``.jsonl`` or ``.csv`` manifest (a row that is not
     valid JSON comes as its ``ValueError``)."""
-    text = read_text(path)
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append((f"{path}:{n}", json.loads(line)))
@@ -133,13 +130,7 @@ def _rows(path: Path) -> list[tuple[str, object]]:
                     )
         return rows
     if path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if missing := {"study_id", "scans"} - set(reader.fieldnames or ()):
-            raise ValueError(f"{path}:1: missing column(s) {sorted(missing)} (columns: {reader.fieldnames})")
-        try:
-            return [(f"{path}:{reader.line_num}", row) for row in reader]
-        except csv.Error as error:
-            raise ValueError(f"{path}:{reader.line_num}: unreadable CSV: {error}") from None
+        return read_csv_rows(path, {"study_id", "scans"})
     raise ValueError(f"{path}: manifest must be .csv or .jsonl")
 
 
