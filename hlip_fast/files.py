@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .locations import read_bytes
+
 
 def decode_text(data: bytes, where: str | os.PathLike) -> str:
     """UTF-8 text of ``data``; otherwise a ``ValueError`` naming the line and byte."""
@@ -27,8 +29,8 @@ def decode_text(data: bytes, where: str | os.PathLike) -> str:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file (a BOM is dropped)."""
-    return decode_text(Path(path).read_bytes(), path).removeprefix("\ufeff")
+    """A UTF-8 text file, local or at a URL (a BOM is dropped)."""
+    return decode_text(read_bytes(path), path).removeprefix("\ufeff")
 
 
 def read_csv_rows(path: str | os.PathLike, required: set[str]) -> list[tuple[str, dict]]:

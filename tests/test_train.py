@@ -193,6 +193,31 @@ def test_short_run_loss_falls_and_exports(corpus, tmp_path):
     assert model.config.vision.max_num_scans == 8 and not model.training
 
 
+def test_training_from_a_url_equals_training_from_the_local_copy(corpus, tmp_path, monkeypatch):
+    """Shards and held-out studies served over HTTP (a brace pattern, a folder URL), with a
+    connection dropped in the middle of the training shard and DataLoader workers reading:
+    the same weights and evaluation as from the local folders."""
+    from loopback_http import LoopbackServer
+
+    key = "zeroshot/synth_ct"
+    monkeypatch.setenv("HLIP_FAST_REMOTE_BACKOFF", "0.01")
+    flags = ["--steps", "3", "--workers", "2", "--prompts", "synth_ct", "--zeroshot-every", "3"]
+
+    def run(name: str, train: str, val: str) -> int:
+        args = ["--train-data", train, "--val-data", val, "--logs", str(tmp_path), "--no-progress", *TINY]
+        return train_main([*args, *flags, "--name", name])
+
+    assert run("local", str(corpus / "train"), str(corpus / "val")) == 0
+    with LoopbackServer(corpus) as server:
+        server.drops["train/shard-000000.tar"] = 1
+        assert run("remote", server.url("train/shard-{000000..000000}.tar"), server.url("val")) == 0
+        assert server.dropped  # it happened, and was retried
+    want, got = final_weights(tmp_path / "local"), final_weights(tmp_path / "remote")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    local, remote = ([r[key] for r in metrics(tmp_path / name) if key in r] for name in ("local", "remote"))
+    assert local and local == remote
+
+
 def test_dali_reader_trains_and_its_ranks_share_each_epoch(corpus, tmp_path):
     pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install hlip-fast[dali])")
     from hlip_fast.train.data import train_loader

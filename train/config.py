@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hlip_fast.cli_options import DEVICE_HELP, PRECISION_HELP, PRECISIONS, new_parser
 from hlip_fast.data.config import DEFAULT_MAX_TOKENS
-from hlip_fast.data.shards import is_prepared
+from hlip_fast.data.shards import SHARD_SOURCES, is_prepared, is_url_or_pattern
 from hlip_fast.errors import ON_ERROR, problem_list
 from hlip_fast.files import read_config_file
 
@@ -76,10 +76,8 @@ class TrainConfig:
 
     recipe: str = knob("", "named settings to start from (explicit flags and --config override them)")
     # data
-    train_data: str = knob("", "prepared shard folder to train on (hlip-prepare or hlip-synth output)")
-    val_data: str = knob(
-        "", "prepared shard folder of held-out studies with labels, for zero-shot evaluation"
-    )
+    train_data: str = knob("", f"shards to train on (hlip-prepare or hlip-synth output): {SHARD_SOURCES}")
+    val_data: str = knob("", f"held-out studies with labels, for zero-shot evaluation: {SHARD_SOURCES}")
     prompts: list[str] = knob([], "prompt sets for zero-shot evaluation: YAML/JSON files or built-in names")
     max_tokens: int = knob(
         DEFAULT_MAX_TOKENS, "patch tokens per batch: whole ragged studies are packed up to this budget"
@@ -162,8 +160,11 @@ class TrainConfig:
             problems.append("train_data is required (a folder written by hlip-prepare or hlip-synth)")
         for key in ("train_data", "val_data"):
             path = getattr(self, key)
-            if path and not is_prepared(path):
-                problems.append(f"{key} {path!r} is not a prepared shard folder (no index.json)")
+            if path and not (is_prepared(path) or is_url_or_pattern(path)):
+                problems.append(
+                    f"{key} {path!r} is not a prepared shard folder (no index.json), its index.json, a URL "
+                    "or a brace pattern of shards"
+                )
         if self.prompts and not self.val_data:
             problems.append("prompts need val_data (held-out studies with labels)")
         for prompt in self.prompts:

@@ -10,7 +10,6 @@ reader.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 
 from ..errors import ON_ERROR, DataError
+from ..locations import is_url
 from .batching import Batch, BatchConfig
 from .reader import Tokenize, decode_cpu, decode_study, token_batches
-from .shards import RawStudy, assemble_study, shard_infos
+from .shards import RawStudy, assemble_study, prepare_config, shard_infos
 from .transforms import TransformConfig
 
 
@@ -52,6 +52,11 @@ class DaliStudies:
                 "the DALI reader needs `pip install nvidia-dali-cuda130` (hlip-fast[dali])"
             ) from error
         infos = shard_infos(source)
+        if remote := [info.path for info in infos if is_url(info.path)]:
+            raise ValueError(
+                f"{remote[0]}: the DALI reader reads local shards only (DALI's webdataset reader opens "
+                "files by path); use --reader cpu or nvcomp for URLs, or copy the shards to a local disk"
+            )
         self.shards = [str(info.path) for info in infos]
         self.listed_ids = {  # (shard, key) -> the study id the index lists there
             (str(info.path), key): study_id
@@ -114,7 +119,7 @@ class DaliStudies:
 
     def __iter__(self) -> Iterator[tuple[RawStudy, list[torch.Tensor] | None]]:
         """``(stored study, its scans decoded on the GPU)``, or ``(study, None)`` without a GPU."""
-        config = json.loads((Path(self.shards[0]).parent / "prepare_config.json").read_text())["config"]
+        config = prepare_config(self.shards[0])
         running = {"pipe": self._pipeline(tuple(config["grid"]), config["dtype"])}
         try:
             yield from self._read(running)

@@ -36,7 +36,7 @@ from .codec import compress_slices
 from .config import PrepareConfig
 from .manifest import StudyEntry, read_manifest
 from .preprocess import preprocess_volume
-from .shards import FORMAT, INDEX, ShardWriter
+from .shards import FORMAT, INDEX, PREPARE_CONFIG, ShardWriter, index_of
 from .volumes import read_volume
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class ShardSet:
         self.settings_digest = digest(canonical(settings))
         wanted = {**settings, "num_studies": len(fingerprints), "studies": digest(canonical(fingerprints))}
         wanted = json.loads(canonical(wanted))  # as JSON gives it back: lists, not tuples
-        path = self.root / "prepare_config.json"
+        path = self.root / PREPARE_CONFIG
         if path.exists() and not rebuild:
             previous = verify_checksum(read_json(path), path)
             if canonical(previous) != canonical(wanted):
@@ -245,14 +245,7 @@ class ShardSet:
             if number and int(number.group(1)) >= self.num_shards:
                 stale.unlink()
         shards = [{"path": side["path"], "studies": side["studies"]} for side in sides]
-        index = {
-            "format": FORMAT,
-            "config": self.config.to_dict(),
-            "shards": shards,
-            "num_studies": sum(len(s["studies"]) for s in shards),
-            "num_scans": sum(len(st["shapes"]) for s in shards for st in s["studies"]),
-            "num_tokens": sum(st["tokens"] for s in shards for st in s["studies"]),
-        }
+        index = index_of(self.config.to_dict(), shards)
         report = {
             "studies": [item for side in sides for item in side["skipped_studies"]],
             "files": [item for side in sides for item in side["skipped_files"]],

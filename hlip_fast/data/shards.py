@@ -18,6 +18,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,18 @@ import numpy as np
 from ..errors import DataError, IntegrityError
 from ..files import os_error_at, read_json
 from ..integrity import digest, verify_checksum
+from ..locations import (
+    Location,
+    exists,
+    expand,
+    has_pattern,
+    is_url,
+    join,
+    local,
+    open_binary,
+    parent,
+    with_suffix,
+)
 
 FORMAT = "hlip_fast.shards/2"
 MEMBERS = ("json", "lz4", "sizes")  # the study's data; ``sum`` holds their checksums
@@ -103,74 +116,162 @@ class ShardWriter:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """A shard and the study keys it must hold, in order (``None``: not known, no index)."""
+    """A shard (local path or URL) and the study keys it must hold, in order (``None``: not
+    known, no index or side file)."""
 
-    path: Path
+    path: Location
     keys: tuple[str, ...] | None = None
     study_ids: tuple[str, ...] | None = None
 
 
 INDEX = "index.json"
 """The file that makes a folder a prepared shard folder: its shards and studies, checksummed."""
+SHARD_SOURCES = (
+    "a prepared folder or its index.json, a URL of either (s3://, gs://, http(s)://, file://), or a "
+    "brace pattern of .tar shards, local or remote (shards/shard-{000000..000127}.tar)"
+)
+"""What readers accept, for help texts."""
+PREPARE_CONFIG = "prepare_config.json"
+"""Beside the shards: the settings they were prepared with (grid, dtype, ...), checksummed."""
 
 
 def is_prepared(path: str | Path) -> bool:
-    """Whether ``path`` is a prepared shard folder (holds an ``index.json``)."""
-    return (Path(path) / INDEX).is_file()
+    """Whether ``path`` is a local prepared shard folder (holds an ``index.json``) or its index."""
+    path = Path(path)
+    return (path / INDEX).is_file() or (path.name == INDEX and path.is_file())
 
 
-def read_index(root: str | Path) -> dict:
-    """A prepared folder's ``index.json``, its checksum verified: the one place it is read."""
-    path = Path(root) / INDEX
-    index = verify_checksum(read_json(path), path)
+def is_url_or_pattern(source: Location) -> bool:
+    """Whether ``source`` names shards by URL or brace pattern (checked when read, not before)."""
+    return is_url(source) or has_pattern(source)
+
+
+def _resolve(source: Location | list) -> tuple[Location | None, list]:
+    """``(index location, [])`` for a prepared folder, its ``index.json`` or a URL of either;
+    ``(None, shards)`` for shards named one by one: a list, a brace pattern, a ``.tar``, or a
+    local folder of ``.tar`` files without an index."""
+    if isinstance(source, (list, tuple)):
+        return None, [s if isinstance(s, ShardInfo) else local(s) for s in source]
+    if has_pattern(source):
+        return None, [local(name) for name in expand(str(source))]
+    source = local(source)
+    if is_url(source):
+        if source.endswith(".tar"):
+            return None, [source]
+        return (source if source.endswith(".json") else join(source, INDEX)), []
+    if source.is_file():
+        return (source, []) if source.suffix == ".json" else (None, [source])
+    if is_prepared(source):
+        return source / INDEX, []
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} does not exist")
+    shards = sorted(source.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{source}: no {INDEX} and no .tar shards")
+    return None, shards
+
+
+def _verified_index(location: Location) -> dict:
+    index = verify_checksum(read_json(location), location)
     if index.get("format") != FORMAT:
-        raise IntegrityError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}; prepare it again")
+        raise IntegrityError(
+            f"{location}: format {index.get('format')!r}, expected {FORMAT!r}; prepare it again"
+        )
     return index
 
 
-def _info(path: Path, studies: list[dict]) -> ShardInfo:
+def index_of(config: dict, shards: list[dict]) -> dict:
+    """An index: the preparation settings and each shard's ``path`` and ``studies``."""
+    return {
+        "format": FORMAT,
+        "config": config,
+        "shards": shards,
+        "num_studies": sum(len(s["studies"]) for s in shards),
+        "num_scans": sum(len(st["shapes"]) for s in shards for st in s["studies"]),
+        "num_tokens": sum(st["tokens"] for s in shards for st in s["studies"]),
+    }
+
+
+def prepare_config(shard: Location) -> dict:
+    """The settings ``shard`` was prepared with (``prepare_config.json`` beside it), verified."""
+    location = join(parent(shard), PREPARE_CONFIG)
+    return verify_checksum(read_json(location), location)["config"]
+
+
+def _side(shard: Location) -> dict | None:
+    """The shard's verified side file (its studies), ``None`` when there is none."""
+    side = with_suffix(shard, ".json")
+    if not exists(side):
+        return None
+    return verify_checksum(read_json(side), side)
+
+
+def _sides(shards: list[Location]) -> list[dict | None]:
+    """The side files of ``shards``, fetched a few at a time when they are remote."""
+    if not any(is_url(s) for s in shards):
+        return [_side(s) for s in shards]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(_side, shards))
+
+
+def read_index(source: Location | list) -> dict:
+    """The index of ``source``, verified: a prepared folder or its ``index.json`` (local or URL);
+    for shards named one by one (a list, a brace pattern), the equivalent index made from their
+    side files and the ``prepare_config.json`` beside the first. The one place an index is read."""
+    index_at, shards = _resolve(source)
+    if index_at is not None:
+        return _verified_index(index_at)
+    shards = [s.path if isinstance(s, ShardInfo) else s for s in shards]
+    entries = []
+    for shard, side in zip(shards, _sides(shards)):
+        if side is None:
+            raise FileNotFoundError(
+                f"{shard}: no side file {with_suffix(shard, '.json')} (written by hlip-prepare): name the "
+                f"folder or its {INDEX} instead"
+            )
+        entries.append({"path": str(shard), "studies": side["studies"]})
+    return index_of(prepare_config(shards[0]), entries)
+
+
+def _info(path: Location, studies: list[dict]) -> ShardInfo:
     return ShardInfo(path, tuple(s["key"] for s in studies), tuple(s["study_id"] for s in studies))
 
 
-def shard_infos(source: str | Path | list) -> list[ShardInfo]:
-    """The shards of a prepared folder (its verified ``index.json``, which must agree with the
-    ``.tar`` files there), of one ``.tar`` (its side file, when present), or of a list of paths."""
-    if isinstance(source, list):
-        return [p if isinstance(p, ShardInfo) else _single(Path(p)) for p in source]
-    root = Path(source)
-    if root.is_file():
-        return [_single(root)]
-    if not is_prepared(root):
-        shards = sorted(root.glob("*.tar"))
-        if not shards:
-            raise FileNotFoundError(f"{root}: no {INDEX} and no .tar shards")
-        return [_single(p) for p in shards]
-    index_path = root / INDEX
-    infos = [_info(root / shard["path"], shard["studies"]) for shard in read_index(root)["shards"]]
+def shard_infos(source: Location | list) -> list[ShardInfo]:
+    """The shards of ``source`` (see :func:`read_index` for what it may be; a ``.tar`` or a local
+    folder of them without an index also do) with the keys each must hold where an index or side
+    file says. A local index must agree with the ``.tar`` files beside it; remote shards are
+    checked as they are read."""
+    index_at, shards = _resolve(source)
+    if index_at is None:
+        named = [s for s in shards if not isinstance(s, ShardInfo)]
+        found = iter(
+            [_info(s, side["studies"]) if side else ShardInfo(s) for s, side in zip(named, _sides(named))]
+        )
+        return [s if isinstance(s, ShardInfo) else next(found) for s in shards]
+    root = parent(index_at)
+    infos = [
+        _info(join(root, shard["path"]), shard["studies"]) for shard in _verified_index(index_at)["shards"]
+    ]
+    if is_url(index_at):
+        return infos
     for info in infos:
-        if not info.path.is_file():
+        if not Path(info.path).is_file():
             raise DataError(
-                f"{index_path} lists {info.path.name}, but {info.path} does not exist", shard=info.path
+                f"{index_at} lists {Path(info.path).name}, but {info.path} does not exist", shard=info.path
             )
-    listed = {info.path.name for info in infos}
+    listed = {Path(info.path).name for info in infos}
     if extra := sorted(p.name for p in root.glob("*.tar") if p.name not in listed):
         raise DataError(
-            f"{root / extra[0]} is not listed in {index_path} ({len(extra)} such shard(s)): the index is "
+            f"{root / extra[0]} is not listed in {index_at} ({len(extra)} such shard(s)): the index is "
             "stale or the shard does not belong here; re-run hlip-prepare on this folder to rebuild it",
             shard=root / extra[0],
         )
     return infos
 
 
-def _single(path: Path) -> ShardInfo:
-    side = path.with_suffix(".json")
-    if not side.is_file():
-        return ShardInfo(path)
-    return _info(path, verify_checksum(read_json(side), side)["studies"])
-
-
-def list_shards(root: str | Path) -> list[Path]:
-    """The shards of a prepared folder (its ``index.json`` order) or of a single ``.tar``."""
+def list_shards(root: Location) -> list[Location]:
+    """The shards of a prepared folder (its ``index.json`` order), a pattern or a single ``.tar``."""
     return [info.path for info in shard_infos(root)]
 
 
@@ -214,7 +315,7 @@ def assemble_study(
 
 
 def read_shard(
-    shard: str | Path | ShardInfo,
+    shard: Location | ShardInfo,
     *,
     on_damage: Callable[[DataError], None] | None = None,
     verify: bool = True,
@@ -227,7 +328,7 @@ def read_shard(
     read is reported by key, so a caller can count exactly what was lost. ``verify=False``
     skips the checksums (for measuring their cost), not the structural checks.
     """
-    info = shard if isinstance(shard, ShardInfo) else ShardInfo(Path(shard))
+    info = shard if isinstance(shard, ShardInfo) else ShardInfo(local(shard))
     path = info.path
 
     def report(error: DataError) -> None:
@@ -255,7 +356,7 @@ def read_shard(
         return f" after study key {key!r}" if key else " at its start"
 
     try:
-        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:", ignore_zeros=True) as tar:
+        with open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r:", ignore_zeros=True) as tar:
             for member in tar:
                 if member.offset != end:
                     report(

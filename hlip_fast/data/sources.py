@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..locations import local
 from .config import PrepareConfig
 from .manifest import ScanEntry, StudyEntry, read_manifest
 from .prepare import process_study
 from .reader import RawStudies
-from .shards import RawStudy, ShardInfo, is_prepared, shard_infos
+from .shards import RawStudy, ShardInfo, is_prepared, is_url_or_pattern, shard_infos
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -73,15 +74,17 @@ def open_studies(
     skipped: list[dict] | None = None,
     on_error: str = "raise",
 ) -> StudySource:
-    """Stored studies of ``source``: a prepared folder (``index.json``) or ``.tar`` shard, a
-    ``.csv``/``.jsonl`` manifest, or a folder of study folders (preprocessed with ``config``).
-    Raw studies that cannot be read, and damaged stored ones under ``on_error="skip"``, are
-    appended to ``skipped`` with the reason."""
-    source = Path(source)
+    """Stored studies of ``source``: shards (a prepared folder or its ``index.json``, a ``.tar``,
+    a URL or a brace pattern: see :func:`~hlip_fast.data.shards.read_index`), a ``.csv``/``.jsonl``
+    manifest, or a folder of study folders (preprocessed with ``config``). Raw studies that cannot
+    be read, and damaged stored ones under ``on_error="skip"``, are appended to ``skipped`` with
+    the reason."""
     skipped = [] if skipped is None else skipped
-    if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist")
-    if source.suffix == ".tar" or is_prepared(source):
+    if not is_url_or_pattern(source):
+        source = Path(local(source))
+        if not source.exists():
+            raise FileNotFoundError(f"{source} does not exist")
+    if is_url_or_pattern(source) or source.suffix == ".tar" or is_prepared(source):
         infos = shard_infos(source)
         total = None if any(i.keys is None for i in infos) else sum(len(i.keys) for i in infos)
         return StudySource(_shard_studies(infos, skipped, on_error), total)  # the index is read once

@@ -19,6 +19,7 @@ from ..cli_options import (
 )
 from ..console import Console
 from ..data.config import DEFAULT_MAX_TOKENS
+from ..data.shards import SHARD_SOURCES
 from ..errors import ON_ERROR
 from .prompts import builtin_prompt_sets
 
@@ -41,8 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "data",
-        type=Path,
-        help="prepared shard folder, .tar shard, .csv/.jsonl manifest, or a folder of study folders",
+        help=f"stored shards ({SHARD_SOURCES}), a .csv/.jsonl manifest, or a folder of study folders",
     )
     add_preprocessing_flags(parser, "raw studies")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="patch tokens per batch")
