@@ -7,11 +7,15 @@ GB/s of delivered float32 voxels and bytes on disk, medians over ``--repeats`` f
 With CUDA (and ``nvidia-nvcomp-cu13``), also the nvCOMP GPU decode of the same shards.
 
 ``--preset ct-rate``: HLIP's chest-CT shape (one 112×336×336 uint8 scan per study) instead of
-the ``medium`` brain-MRI-like corpus, against the reader as it was before its intensity step
-became one in-place affine map (``(x / max - mean) / std`` in three float32 passes, the
-baseline here, the same decoded bytes); with volumes/s and GB/s per CPU core and their
-projection to a 16-core GPU host against HLIP's training rate (150 volumes/s; a reader should
-give twice that). No ``torch.load`` files: they would take 50 MB per volume.
+the ``medium`` brain-MRI-like corpus, as the trainer reads it: token-budget batches cut with
+HLIP's chest-CT patch (8×24×24), made in DataLoader workers. The baseline is the reader as the
+data-at-scale issue found it: ``(x / max - mean) / std`` in three float32 passes per scan, and
+float32 batches from the workers. hlip_fast's reader sends the stored uint8 patches with each
+scan's intensity map, applied where the batch lands: timed as delivered (on a GPU host the map
+runs on the device) and landed on this CPU (``batch.to("cpu")`` in the main process, which
+shares the cores with the workers). Volumes/s and GB/s (of float32 model input) per CPU core,
+and the projection to a 16-core GPU host against HLIP's training rate (150 volumes/s; a reader
+should give twice that). No ``torch.load`` files: they would take 50 MB per volume.
 
 The cost of verifying every study's checksums: passes with and without verification,
 interleaved, through the DataLoader workers (the reader's throughput) and in one process (the
@@ -35,10 +39,12 @@ from common import measure, median, write_results
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from hlip_fast.data import PrepareConfig, list_shards
+from hlip_fast.data.batching import Batch, BatchConfig
 from hlip_fast.data.config import HLIP_INPUT_MEAN, HLIP_INPUT_STD
-from hlip_fast.data.reader import RawStudies, StudyBatches, decode_cpu
+from hlip_fast.data.reader import RawStudies, StudyBatches, decode_cpu, token_batches
 from hlip_fast.data.synth import SIZES, SynthConfig, synthesize
-from hlip_fast.data.transforms import TransformConfig
+from hlip_fast.data.transforms import Study, TransformConfig
+from hlip_fast.models.registry import get_config
 
 PRESETS = {
     "medium": replace(SIZES["medium"], seed=1),
@@ -47,6 +53,10 @@ PRESETS = {
     ),
 }
 """The corpora: brain-MRI-like studies (1-6 scans of 16-48 slices, 96×96), or HLIP's chest CT."""
+CT_RATE_BATCHING = BatchConfig(
+    get_config("vit_base_singlescan_h2_token2744").patch_size, max_tokens=4 * 2744, group_size=8
+)
+"""``ct-rate`` batches: HLIP's chest-CT patch, 4 volumes of 2,744 tokens a batch."""
 TRAINING_RATE, HOST_CORES = 150.0, 16
 """HLIP's ViT-B chest-CT training rate on one GPU (volumes/s) and the cores of the GPU host the
 per-core rate is projected to."""
@@ -72,21 +82,26 @@ class DecodedStudies(IterableDataset):
         self.batches = StudyBatches(RawStudies(root, verify=verify), transforms)
 
     def __iter__(self):
-        return (study.scans for study in self.batches.studies())
+        return (study.normalised() for study in self.batches.studies())
 
 
-class UnfusedStudies(IterableDataset):
-    """The baseline of ``--preset ct-rate``: the same decoded bytes, normalised as the reader did
-    before (``(x.float() / max - mean) / std``: three float32 passes and temporaries)."""
+class UnfusedBatches(IterableDataset):
+    """The baseline of ``--preset ct-rate``: the same decoded bytes normalised as the reader did
+    when the data-at-scale issue was filed (``(x.float() / max - mean) / std``: three float32
+    passes and temporaries), batched as float32."""
 
-    def __init__(self, root: Path, transforms: TransformConfig):
-        self.raws, self.transforms = RawStudies(root), transforms
+    def __init__(self, root: Path, transforms: TransformConfig, batching: BatchConfig):
+        self.raws, self.transforms, self.batching = RawStudies(root), transforms, batching
 
-    def __iter__(self):
+    def _studies(self):
         t = self.transforms
         for raw in self.raws:
             top = float(np.iinfo(raw.meta["dtype"]).max)
-            yield [(scan.to(torch.float32) / top - t.mean) / t.std for scan in decode_cpu(raw)]
+            scans = [(scan.to(torch.float32) / top - t.mean) / t.std for scan in decode_cpu(raw)]
+            yield Study(raw.study_id, scans, raw.meta["report"])
+
+    def __iter__(self):
+        return token_batches(self._studies(), self.transforms, self.batching)
 
 
 def write_baseline(root: Path, out: Path) -> list[list[Path]]:
@@ -103,12 +118,25 @@ def write_baseline(root: Path, out: Path) -> list[list[Path]]:
 
 
 def drain(loader) -> tuple[int, int, int]:
+    """Studies, volumes and voxels a pass delivers (studies as scan lists, or batches)."""
     studies = volumes = voxels = 0
-    for scans in loader:
-        studies += 1
-        volumes += len(scans)
-        voxels += sum(s.numel() for s in scans)
+    for item in loader:
+        if isinstance(item, Batch):
+            studies += len(item.study_ids)
+            volumes += item.studies.layout.num_scans
+            voxels += item.studies.patches.numel()
+        else:
+            studies += 1
+            volumes += len(item)
+            voxels += sum(s.numel() for s in item)
     return studies, volumes, voxels
+
+
+def landed(loader, device: str):
+    """The loader's batches moved to ``device`` (integer patches mapped to float32 there)."""
+    for batch in loader:
+        batch.studies = batch.studies.to(device)
+        yield batch
 
 
 def checksum_cost(root: Path, workers: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -139,14 +167,20 @@ def loaders_and_disk(preset: str, root: Path, workers: int) -> tuple[dict, dict]
     shards = sum(p.stat().st_size for p in list_shards(root / "shards"))
     if preset == "ct-rate":
         hlip = TransformConfig(mean=HLIP_INPUT_MEAN, std=HLIP_INPUT_STD)
+
+        def batches(dataset: IterableDataset) -> DataLoader:
+            return DataLoader(dataset, batch_size=None, num_workers=workers)
+
+        def shard_batches() -> DataLoader:
+            return batches(StudyBatches(RawStudies(root / "shards"), hlip, CT_RATE_BATCHING))
+
         loaders = {
-            "hlip_fast_unfused": lambda: DataLoader(
-                UnfusedStudies(root / "shards", hlip), batch_size=None, num_workers=workers
-            ),
-            "hlip_fast_shards": lambda: DataLoader(
-                DecodedStudies(root / "shards", transforms=hlip), batch_size=None, num_workers=workers
-            ),
+            "hlip_fast_unfused": lambda: batches(UnfusedBatches(root / "shards", hlip, CT_RATE_BATCHING)),
+            "hlip_fast_shards": shard_batches,
+            "hlip_fast_shards_landed_cpu": lambda: landed(shard_batches(), "cpu"),
         }
+        if torch.cuda.is_available():
+            loaders["hlip_fast_shards_landed_cuda"] = lambda: landed(shard_batches(), "cuda")
         return loaders, dict.fromkeys(loaders, shards)
     (root / "pt").mkdir()
     baseline_files = write_baseline(root / "shards", root / "pt")
@@ -192,7 +226,7 @@ def main() -> None:
 
             decoder = NvcompDecoder("cuda")
             gpu = StudyBatches(RawStudies(work / "shards"), decode=decoder)
-            loaders["hlip_fast_nvcomp_gpu"] = lambda: (s.scans for s in gpu.studies())
+            loaders["hlip_fast_nvcomp_gpu"] = lambda: (s.normalised() for s in gpu.studies())
             disk["hlip_fast_nvcomp_gpu"] = disk["hlip_fast_shards"]
         except RuntimeError as error:
             print(f"nvCOMP skipped: {error}")
@@ -241,6 +275,7 @@ def main() -> None:
     payload = {"config": settings, "results": rows}
     device = "gpu" if torch.cuda.is_available() else "cpu"
     if args.preset == "ct-rate":
+        settings["batching"] = {k: getattr(CT_RATE_BATCHING, k) for k in ("patch_size", "max_tokens")}
         reader = next(r for r in rows if r["reader"] == "hlip_fast_shards")
         projected = reader["volumes_per_s_per_core"] * HOST_CORES
         payload["projection"] = {

@@ -166,8 +166,10 @@ def data(path: Path, result: dict) -> str:
 def data_ct_rate(path: Path, result: dict) -> str:
     c, p = result["config"], result["projection"]
     names = {
-        "hlip_fast_unfused": "CPU reader, three-pass normalisation (before)",
-        "hlip_fast_shards": "CPU reader, one in-place affine map (now)",
+        "hlip_fast_unfused": "CPU reader as issue 15 found it: three float32 passes, float32 batches",
+        "hlip_fast_shards": "CPU reader now: uint8 batches and intensity maps, as delivered",
+        "hlip_fast_shards_landed_cpu": 'the same, mapped to float32 on this CPU (`.to("cpu")`)',
+        "hlip_fast_shards_landed_cuda": 'the same, moved and mapped on the GPU (`.to("cuda")`)',
     }
     base = result["results"][0]["volumes_per_s"]
     rows = [
@@ -181,9 +183,11 @@ def data_ct_rate(path: Path, result: dict) -> str:
         for r in result["results"]
     ]
     depth, (h, w) = c["depth_range"][0], c["grid"]
+    patch, tokens = "×".join(map(str, c["batching"]["patch_size"])), c["batching"]["max_tokens"]
     return (
         f"`python bench/data.py --preset ct-rate` — {_machine(result)}, {c['studies']} studies of one "
-        f"{depth}×{h}×{w} uint8 scan, {c['workers']} DataLoader workers, medians of {c['repeats']} passes "
+        f"{depth}×{h}×{w} uint8 scan, batches of {tokens:,} tokens cut with patch {patch}, "
+        f"{c['workers']} DataLoader workers, medians of {c['repeats']} passes "
         f"({_source(path)}):\n\n"
         + _table(["reader", "volumes/s", "GB/s (float32 out)", "volumes/s per core", "speed-up"], rows)
         + f"\n\nProjected to a {p['host_cores']}-core GPU host (the per-core rate times the cores, if it "

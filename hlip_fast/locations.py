@@ -113,43 +113,42 @@ class RangesNotSupported(OSError):
     """The server answered a range request with more bytes than asked for: not retried."""
 
 
-def _transient() -> tuple[type[BaseException], ...]:
-    kinds: list[type[BaseException]] = [OSError]
+def _is_transient(error: BaseException) -> bool:
+    """Connection errors, timeouts, short reads and HTTP 408/429/5xx: worth another attempt."""
+    if isinstance(error, (*_PERMANENT, RangesNotSupported)):
+        return False
     try:
         import aiohttp  # fsspec's HTTP client: dropped connections and bad statuses
     except ImportError:
-        pass
-    else:
-        kinds.append(aiohttp.ClientError)
-    return tuple(kinds)
+        aiohttp = None
+    if aiohttp is not None and isinstance(error, aiohttp.ClientResponseError):
+        return error.status in (408, 429) or error.status >= 500
+    return isinstance(error, OSError) or (aiohttp is not None and isinstance(error, aiohttp.ClientError))
 
 
 def retrying(url: str, what: str, call: Callable[[], T], policy: RetryPolicy | None = None) -> T:
     """``call()``, retried on transient errors; a :class:`RemoteReadError` naming ``url`` and
-    ``what`` after the last attempt. Missing files, refused permissions and servers without
-    range support fail at once."""
+    ``what`` after the last attempt. Missing files, refused permissions, other HTTP client errors
+    and servers without range support fail at once."""
     policy = policy or RetryPolicy()
-    transient = _transient()
     for attempt in range(policy.attempts):
         try:
             return call()
-        except FileNotFoundError as error:  # fsspec's says only the URL
-            raise FileNotFoundError(errno.ENOENT, "no such file or object", url) from error
-        except (*_PERMANENT, RangesNotSupported):
-            raise
-        except transient as error:
-            last = error
-            if attempt + 1 < policy.attempts:
-                delay = policy.delay(attempt)
-                log.warning(
-                    "%s: %s failed (%s: %s); retrying in %.1f s",
-                    url,
-                    what,
-                    type(error).__name__,
-                    error,
-                    delay,
-                )
-                time.sleep(delay)
+        except Exception as error:  # noqa: BLE001 - sorted into transient and permanent here
+            # fsspec's HTTP size request reports any failure, a refused connection too, as a
+            # missing file: its cause tells which
+            cause = error.__cause__ if isinstance(error, FileNotFoundError) and error.__cause__ else error
+            if not _is_transient(cause):
+                if isinstance(error, FileNotFoundError):
+                    raise FileNotFoundError(errno.ENOENT, "no such file or object", url) from error
+                raise
+            last = cause
+        if attempt + 1 < policy.attempts:
+            delay = policy.delay(attempt)
+            log.warning(
+                "%s: %s failed (%s: %s); retrying in %.1f s", url, what, type(last).__name__, last, delay
+            )
+            time.sleep(delay)
     raise RemoteReadError(
         f"{url}: {what} failed after {policy.attempts} attempt(s): {type(last).__name__}: {last}"
     ) from last

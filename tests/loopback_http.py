@@ -32,6 +32,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.is_file() or name in owner.hidden:
             self.send_error(404)
             return
+        if owner.unavailable.get(name, 0) > 0:
+            owner.unavailable[name] -= 1
+            self.send_error(503)
+            return
         data = path.read_bytes()
         start, end, status = 0, len(data), 200
         asked = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
@@ -67,6 +71,7 @@ class _Server(ThreadingHTTPServer):
 class LoopbackServer:
     """Serves ``root`` at :meth:`url`. ``drops[name] = n`` cuts off, halfway, the next ``n``
     responses that carry the middle byte of ``name``; ``hidden`` names answer 404;
+    ``unavailable[name] = n`` answers the next ``n`` requests for ``name`` with 503;
     ``ignore_ranges`` answers every GET in full."""
 
     def __init__(self, root: str | Path):
@@ -74,6 +79,7 @@ class LoopbackServer:
         self.drops: dict[str, int] = {}
         self.dropped: list[tuple[str, int, int]] = []
         self.hidden: set[str] = set()
+        self.unavailable: dict[str, int] = {}
         self.ignore_ranges = False
         self.requests: list[tuple[str, str, str | None]] = []
         self._server = _Server(("127.0.0.1", 0), _Handler)

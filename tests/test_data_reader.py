@@ -41,7 +41,9 @@ def test_eval_decodes_exactly_and_deterministically(corpus):
         volume = decompress_slices(r.blob, r.sizes, (32, 32), "uint8")
         expected = torch.split(torch.from_numpy(volume).float() / 255.0, r.depths)
         assert a.study_id == r.study_id and a.report == r.meta["report"] and a.labels == r.meta["labels"]
-        for x, y, z in zip(a.scans, b.scans, expected):
+        stored = torch.split(torch.from_numpy(volume), r.depths)
+        assert all(torch.equal(x, s) for x, s in zip(a.scans, stored))  # the integers, untouched
+        for x, y, z in zip(a.normalised(), b.normalised(), expected):
             assert torch.equal(x, y)  # deterministic, bit for bit
             torch.testing.assert_close(x, z, rtol=1e-6, atol=1e-7)  # x / 255 up to float32 rounding
 
@@ -53,6 +55,7 @@ def test_train_augmentation_seeded_per_epoch(corpus):
     a, b = to_study(raw, scans, config, True, 0), to_study(raw, scans, config, True, 0)
     c = to_study(raw, scans, config, True, 1)
     assert a.report == b.report and all(torch.equal(x, y) for x, y in zip(a.scans, b.scans))
+    assert a.intensity == b.intensity and a.intensity != c.intensity  # jitter: seeded per epoch
     assert all(s.shape[1:] == (24, 16) and s.shape[0] <= 8 for s in a.scans) and len(a.scans) <= 2
     assert sorted(a.report.split(". ")) != [] and set(a.report.replace(".", "").split()) == set(
         raw.meta["report"].replace(".", "").split()
@@ -162,6 +165,44 @@ def test_collate_matches_pack_studies(seed):
     assert batch.fill == pytest.approx(expected.layout.num_tokens / 64)
     with pytest.raises(ValueError, match="study x"):
         collate([Study("x", [torch.zeros(4, 12, 16)], "r")], PATCH)
+
+
+def test_a_readers_integer_batch_lands_as_the_float_batch_it_stands_for(corpus):
+    """Reader batches keep the stored integers and each scan's intensity map; landing them
+    (``.to``, or the encoder itself) gives the patches of the normalised scans, bit for bit,
+    depth padding being the stored minimum through the scan's map."""
+    from hlip_fast import create_model
+
+    transforms = TransformConfig(mean=0.4, std=0.2, jitter=0.1, crop=(24, 16), flip_axes=(0, 2), seed=1)
+    studies = [to_study(r, decode_cpu(r), transforms, True, 0) for r in list(RawStudies(corpus))[:5]]
+    batch = collate(studies, PATCH).studies
+    assert batch.patches.dtype == torch.uint8 and batch.intensity.shape == (batch.layout.num_scans, 2)
+    padded = [
+        [
+            torch.cat([x, torch.full((-x.shape[0] % 4, *x.shape[1:]), b)])
+            for x, (_, b) in zip(s.normalised(), s.intensity)
+        ]
+        for s in studies
+    ]
+    expected = pack_studies(padded, PATCH).patches
+    landed = batch.to("cpu")
+    assert landed.intensity is None and torch.equal(landed.patches, expected)
+    assert torch.equal(batch.to("cpu", torch.bfloat16).patches, expected.to(torch.bfloat16))
+    model = create_model("vit_tiny_multiscan_h2", patch_size=PATCH, max_num_scans=4).eval()
+    with torch.no_grad():
+        a, b = model.forward_features(batch), model.forward_features(landed)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="some studies carry intensity maps"):
+        collate([studies[0], Study("x", [torch.zeros(4, 24, 16)], "r")], PATCH)
+
+
+@pytest.mark.gpu
+def test_a_pinning_loader_pins_the_patches_it_delivers(corpus):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    reader = StudyBatches(RawStudies(corpus), batching=BatchConfig(PATCH, 300))
+    batches = list(cpu_loader(reader, 2, pin_memory=True))
+    assert batches and all(b.studies.patches.is_pinned() for b in batches)
 
 
 def test_dali_reader_matches_cpu_reader(corpus):

@@ -113,6 +113,15 @@ def test_a_missing_shard_is_named_and_not_retried(corpus, server):
     assert asked in (["HEAD"], ["HEAD", "GET"])  # fsspec's size request, once: no retries
 
 
+def test_a_busy_server_is_retried_and_a_closed_one_is_named(corpus, server):
+    server.unavailable["index.json"] = 2  # 503 twice, then the index
+    assert read_index(server.url()) == read_index(corpus)
+    with LoopbackServer(corpus) as gone:
+        url = gone.url()
+    with pytest.raises(locations.RemoteReadError, match=r"index.json: size request failed after 3 attempt"):
+        read_index(url)  # nothing listens there any more: refused, retried, named
+
+
 def test_a_server_that_ignores_ranges_is_refused_not_misread(server, monkeypatch):
     monkeypatch.setattr(locations, "READ_BLOCK", 16 << 10)
     server.ignore_ranges = True

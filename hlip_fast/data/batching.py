@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ class Batch:
     def study_ids(self) -> tuple[str, ...]:
         return self.studies.study_ids
 
+    def pin_memory(self) -> Batch:
+        """The patches in page-locked memory (what a DataLoader's ``pin_memory=True`` calls)."""
+        return replace(self, studies=self.studies.pin_memory())
+
 
 def collate(
     studies: Sequence[Study],
@@ -42,8 +46,13 @@ def collate(
     pad_value: float = 0.0,
     max_tokens: int | None = None,
 ) -> Batch:
-    """Pad each scan's depth up to a multiple of the patch depth (with ``pad_value``) and pack."""
+    """Pad each scan's depth up to a multiple of the patch depth and pack. Integer scans (a
+    reader's, with their intensity maps) are padded with 0, the stored minimum, and stay
+    integers until the batch lands; model-input scans are padded with ``pad_value``."""
     pd, ph, pw = patch_size
+    mapped = [s.intensity is not None for s in studies]
+    if any(mapped) and not all(mapped):
+        raise ValueError("collate: some studies carry intensity maps and some do not; give one kind")
     scans = []
     for study in studies:
         padded = []
@@ -52,9 +61,15 @@ def collate(
                 shape = tuple(scan.shape[1:])
                 raise ValueError(f"study {study.study_id}: in-plane {shape} not divisible by {(ph, pw)}")
             extra = -scan.shape[0] % pd
-            padded.append(F.pad(scan, (0, 0, 0, 0, 0, extra), value=pad_value) if extra else scan)
+            fill = 0 if study.intensity is not None else pad_value
+            padded.append(F.pad(scan, (0, 0, 0, 0, 0, extra), value=fill) if extra else scan)
         scans.append(padded)
-    batch = pack_studies(scans, patch_size, study_ids=[s.study_id for s in studies])
+    batch = pack_studies(
+        scans,
+        patch_size,
+        study_ids=[s.study_id for s in studies],
+        intensity=[s.intensity for s in studies] if all(mapped) else None,
+    )
     names = tuple(sorted({name for s in studies for name in s.labels}))
     labels = torch.tensor(
         [[-1 if s.labels.get(n) is None else int(s.labels[n]) for n in names] for s in studies],
@@ -123,7 +138,7 @@ class TokenBudget:
                 depth = max(pd, int(scan.shape[0] * factor) // pd * pd)
                 start = (scan.shape[0] - depth) // 2
                 scans.append(scan[start : start + depth])
-            cropped = Study(study.study_id, scans, study.report, study.labels)
+            cropped = replace(study, scans=scans)
             if cropped.tokens(self.patch_size) <= self.max_tokens:
                 log.warning(
                     "study %s: %d tokens > budget %d; depth cropped to fit",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +244,9 @@ class _Delivery:
     batch: Batch | None
     skipped: list[dict] = field(default_factory=list)
     error: dict | None = None
+
+    def pin_memory(self) -> _Delivery:  # called by the DataLoader's pin_memory thread
+        return self if self.batch is None else replace(self, batch=self.batch.pin_memory())
 
 
 class _WorkerStream(IterableDataset):

@@ -58,12 +58,24 @@ def model_transforms(model, *, jitter: float = 0.0, seed: int = 0) -> TransformC
 
 @dataclass
 class Study:
-    """One decoded study: scans ``(D, H, W)`` float32 on the reader's device, report, labels."""
+    """One decoded study on the reader's device: scans ``(D, H, W)``, report, labels.
+
+    A reader's scans are the stored integers (cropped, flipped) with each scan's intensity map
+    ``(scale, offset)`` in ``intensity``; they become floats where the batch lands (see
+    :class:`~hlip_fast.packing.StudyBatch`). Without ``intensity`` the scans are model input.
+    """
 
     study_id: str
     scans: list[torch.Tensor]
     report: str
     labels: dict = field(default_factory=dict)
+    intensity: list[tuple[float, float]] | None = None
+
+    def normalised(self) -> list[torch.Tensor]:
+        """The scans as float32 model input (each scan's intensity map applied)."""
+        if self.intensity is None:
+            return self.scans
+        return [s.to(torch.float32).mul_(a).add_(b) for s, (a, b) in zip(self.scans, self.intensity)]
 
     def tokens(self, patch_size: tuple[int, int, int]) -> int:
         pd, ph, pw = patch_size
@@ -84,7 +96,9 @@ def _window(size: int, want: int | None, rng: np.random.Generator | None) -> sli
 def to_study(
     raw: RawStudy, scans: list[torch.Tensor], config: TransformConfig, train: bool, epoch: int
 ) -> Study:
-    """Normalise (and in training augment) the decoded integer ``scans`` of ``raw``."""
+    """Crop (and in training augment) the decoded integer ``scans`` of ``raw``, and give each
+    scan the intensity map to model input: ``x / max`` (times ``1 ± jitter``, plus ``± jitter``
+    in training), then ``(x - mean) / std``, as one ``(scale, offset)``."""
     rng = study_rng(config, epoch, raw.study_id) if train else None
     order = list(range(len(scans)))
     if rng is not None and config.shuffle_scans:
@@ -92,7 +106,7 @@ def to_study(
     if config.max_scans is not None:
         order = order[: config.max_scans]
     top = float(np.iinfo(raw.meta["dtype"]).max)
-    out = []
+    out, intensity = [], []
     for i in order:
         scan = scans[i]
         h, w = config.crop or scan.shape[1:]
@@ -110,12 +124,12 @@ def to_study(
             if config.jitter:
                 gain = float(rng.uniform(1 - config.jitter, 1 + config.jitter))
                 shift = float(rng.uniform(-config.jitter, config.jitter))
-        # ((x / top) * gain + shift - mean) / std as one affine map, applied in place on the one
-        # float32 copy: the intensity step was most of a CT volume's reading time.
-        scale = gain / (top * config.std)
-        out.append(x.to(torch.float32).mul_(scale).add_((shift - config.mean) / config.std))
+        # ((x / top) * gain + shift - mean) / std as one affine map, applied where the batch lands:
+        # float32 volumes were most of a CT volume's reading time and 4x the bytes to move.
+        out.append(x)
+        intensity.append((gain / (top * config.std), (shift - config.mean) / config.std))
     report = raw.meta["report"]
     if rng is not None and config.shuffle_sentences:
         sentences = _SENTENCE_END.split(report.strip())
         report = " ".join(sentences[i] for i in rng.permutation(len(sentences)))
-    return Study(raw.study_id, out, report, dict(raw.meta.get("labels", {})))
+    return Study(raw.study_id, out, report, dict(raw.meta.get("labels", {})), intensity)

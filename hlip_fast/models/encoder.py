@@ -163,6 +163,7 @@ class HLIPVisionEncoder(nn.Module):
 
     def _features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor, Layout]:
         self._check_batch(batch)
+        batch = batch.normalised()  # a reader's integer patches that were not moved with .to()
         layout = batch.layout
         x = self.patch_embed(batch.patches) + self.position_embedding(layout)
         if self.training and self.config.patch_dropout > 0:
