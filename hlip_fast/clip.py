@@ -71,7 +71,7 @@ class HLIPModel(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.text.tokenize(texts)
 
-    def encode_study(self, batch: StudyBatch, normalize: bool = True) -> torch.Tensor:
+    def encode_study(self, batch: StudyBatch | torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.visual_proj(self.visual(batch))
         return F.normalize(features, dim=-1) if normalize else features
 

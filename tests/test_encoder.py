@@ -221,3 +221,25 @@ def test_patch_dropout_only_in_training(seed):
         torch.testing.assert_close(model.eval()(batch), reference.eval()(batch))
     with pytest.raises(ValueError, match="patch_dropout"):
         VisionConfig(patch_dropout=1.0)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_singlescan_h2", "vit_tiny_multiscan_h2"])
+def test_hlips_dense_input_is_a_drop_in(name, seed):
+    """``model(x)`` on HLIP's ``(B, N, C, D, H, W)`` (or ``(B, C, D, H, W)``) tensor equals the
+    packed path, also through ``timm.create_model``; a wrong shape names the expected ones."""
+    model = timm.create_model(name).eval()
+    assert isinstance(model, HLIPVisionEncoder)
+    dense = uniform_studies(model, 3, (16, 32, 32)).requires_grad_()
+    packed = pack_studies([list(study) for study in dense], model.config.patch_size)
+    with torch.no_grad():
+        assert torch.equal(model(dense), model(packed))
+        tokens, cls = model.forward_features(dense)
+        want_tokens, want_cls = model.forward_features(packed)
+        assert torch.equal(tokens, want_tokens) and torch.equal(cls, want_cls)
+        if model.config.max_num_scans == 1:
+            assert torch.equal(model(dense[:, 0]), model(packed))  # (B, C, D, H, W): one scan a study
+    model(dense).sum().backward()  # gradients reach HLIP's input
+    assert dense.grad is not None and dense.grad.abs().sum() > 0
+    for wrong, problem in [(dense[0, 0], "shape"), (dense.repeat(1, 1, 2, 1, 1, 1), "C = 1 channels")]:
+        with pytest.raises(ValueError, match=rf"\(B, N, C, D, H, W\).*{problem}"):
+            model(wrong)

@@ -21,7 +21,7 @@ from ..layers import (
     switch_level,
 )
 from ..layout import LEVELS, Layout
-from ..packing import StudyBatch, to_3tuple
+from ..packing import StudyBatch, pack_studies, to_3tuple
 
 POOLINGS = ("token", "avg")
 
@@ -156,12 +156,29 @@ class HLIPVisionEncoder(nn.Module):
         # A token's scan-level segment id is the index of its scan.
         return pos + self.sequential_posemb[0, positions][layout.segment_ids("scan")]
 
-    def forward_features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, batch: StudyBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, C)`` class tokens
-        (in training with patch dropout: the kept tokens only)."""
+        (in training with patch dropout: the kept tokens only). ``batch``: packed studies, or
+        HLIP's dense ``(B, N, C, D, H, W)`` / ``(B, C, D, H, W)`` tensor (packed here)."""
         return self._features(batch)[:2]
 
-    def _features(self, batch: StudyBatch) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+    def pack(self, x: torch.Tensor) -> StudyBatch:
+        """HLIP's dense input as packed studies: ``(B, N, C, D, H, W)`` (``N`` scans a study,
+        each its own scan in the hierarchy) or ``(B, C, D, H, W)`` (one scan a study)."""
+        expected = "HLIP's dense (B, N, C, D, H, W) or (B, C, D, H, W) tensor, or a StudyBatch (pack_studies)"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected {expected}, got {type(x).__name__}")
+        if x.dim() not in (5, 6):
+            raise ValueError(f"expected {expected}, got a tensor of shape {tuple(x.shape)}")
+        studies = x.unsqueeze(1) if x.dim() == 5 else x
+        if studies.shape[2] != self.config.in_chans:
+            raise ValueError(
+                f"expected {expected} with C = {self.config.in_chans} channels, got shape {tuple(x.shape)}"
+            )
+        return pack_studies(list(studies.unbind(0)), self.config.patch_size)
+
+    def _features(self, batch: StudyBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+        batch = batch if isinstance(batch, StudyBatch) else self.pack(batch)
         self._check_batch(batch)
         batch = batch.normalised()  # a reader's integer patches that were not moved with .to()
         layout = batch.layout
@@ -192,8 +209,9 @@ class HLIPVisionEncoder(nn.Module):
         counts = layout.level("study").cu_seqlens.diff().to(tokens.dtype)
         return summed / counts.unsqueeze(1)
 
-    def forward(self, batch: StudyBatch) -> torch.Tensor:
-        """``(num_studies, embed_dim)`` study embeddings."""
+    def forward(self, batch: StudyBatch | torch.Tensor) -> torch.Tensor:
+        """``(num_studies, embed_dim)`` study embeddings of packed studies or HLIP's dense
+        tensor (see :meth:`forward_features`)."""
         return self.pool(*self._features(batch))
 
     def _check_batch(self, batch: StudyBatch) -> None:
