@@ -3,6 +3,7 @@ name), CLS or mean pooling, and a linear projection into the shared embedding sp
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,6 +66,17 @@ class ReportTokenizer:
         return dict(encoded)
 
 
+@functools.cache
+def _takes_prepared_masks() -> bool:
+    """Whether transformers builds encoder masks in ``masking_utils``, which returns a 4D mask as
+    it is (older versions refuse one)."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class TextTower(nn.Module):
     """``tokenize(texts)`` → ``forward(tokens)`` → ``(batch, embed_dim)`` projected embeddings."""
 
@@ -91,6 +103,15 @@ class TextTower(nn.Module):
             for param in module.parameters(recurse=False):
                 param.requires_grad = isinstance(module, nn.LayerNorm) or id(param) in open_layers
 
+    def _prepared_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The padding mask as a prepared ``(B, 1, 1, L)`` boolean mask where the installed
+        transformers takes one as it is and the encoder runs SDPA: given the 2D mask, transformers
+        asks whether it pads anything (``mask.all()``), a device-to-host sync every forward.
+        Otherwise the 2D mask."""
+        if _takes_prepared_masks() and self.transformer.config._attn_implementation == "sdpa":
+            return mask[:, None, None, :].bool()
+        return mask
+
     def save_architecture(self, out_dir: str | Path) -> None:
         """Write the tokenizer and the encoder's config (not its weights) as a local model folder."""
         self.tokenizer.save_pretrained(out_dir)
@@ -105,7 +126,8 @@ class TextTower(nn.Module):
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = tokens["attention_mask"]
-        hidden = self.transformer(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state
+        attention = self._prepared_mask(mask)
+        hidden = self.transformer(input_ids=tokens["input_ids"], attention_mask=attention).last_hidden_state
         if self.config.pooling == "cls":
             pooled = hidden[:, 0]
         else:

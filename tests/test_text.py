@@ -63,3 +63,18 @@ def test_tiny_model_is_deterministic(tiny_text, tmp_path):
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     tower = TextTower(TextConfig(str(again)), 8)
     assert "[UNK]" not in tower.tokenizer.tokenize("Unseenword in a report")  # character fallback
+
+
+def test_the_prepared_padding_mask_embeds_as_the_2d_mask(tiny_text, monkeypatch):
+    """transformers asks a 2D mask on the host whether it pads anything (a sync every forward);
+    the tower hands it a prepared 4D mask instead, with the same embeddings."""
+    import hlip_fast.text as text
+
+    tower = TextTower(TextConfig(tiny_text[0], context_length=16), 8).eval()
+    tokens = tower.tokenize(["no mass.", "a small mass in the left lobe, and a second one in the right."])
+    assert tokens["attention_mask"].sum(1).min() < tokens["attention_mask"].shape[1]  # padded
+    with torch.no_grad():
+        prepared = tower(tokens)
+        monkeypatch.setattr(text, "_takes_prepared_masks", lambda: False)
+        plain = tower(tokens)
+    torch.testing.assert_close(prepared, plain, rtol=1e-6, atol=1e-6)

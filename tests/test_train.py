@@ -4,6 +4,7 @@ divergence handling, and 2-rank DDP equal to one rank with the same global batch
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shlex
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -280,6 +282,51 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "final" / "model.safetensors")
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_an_ordinary_step_makes_no_host_sync(corpus, tmp_path, monkeypatch, accum):
+    """Every way a tensor's value reaches the host (``.item()``, ``.tolist()``, ``float()``,
+    ``int()``, ``bool()``; ``.numpy()`` refuses device tensors) and ``torch.cuda.synchronize``
+    are counted per step, reading the data aside: none on a step that neither logs nor saves."""
+    from hlip_fast.train.trainer import Trainer
+
+    counts, state = Counter(), {"step": 0, "on": False}
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            if state["on"]:
+                counts[state["step"]] += 1
+                counts[(state["step"], name)] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", counted("synchronize", torch.cuda.synchronize))
+    original_batches, original_step = Trainer.batches, Trainer.train_step
+
+    def batches(self):  # reading the data is not the step's work: not counted
+        source = original_batches(self)
+        while True:
+            state["on"] = False
+            batch = next(source)
+            state["on"] = True
+            yield batch
+
+    def train_step(self, micro):
+        state["step"] += 1
+        return original_step(self, micro)
+
+    monkeypatch.setattr(Trainer, "batches", batches)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    flags = ["--steps", "8", "--log-every", "4", "--save-every", "100", "--accum-freq", str(accum)]
+    assert train_main(run_args(corpus, tmp_path, "--name", "syncs", *flags)) == 0
+    log_steps = {1, 4, 8}
+    assert all(counts[step] > 0 for step in log_steps)  # the counter does count: one packed read there
+    quiet = {step: counts[step] for step in range(1, 9) if step not in log_steps}
+    assert quiet == dict.fromkeys(quiet, 0), {k: v for k, v in counts.items() if isinstance(k, tuple)}
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     common = [
         "--steps",
@@ -357,13 +404,18 @@ def test_divergence_stops_with_the_last_good_checkpoint(corpus, tmp_path, capsys
     )
     assert train_main(args) == 3
     err = capsys.readouterr().err
-    assert "3 consecutive steps with a non-finite loss" in err
+    # Decided on the device, read at log steps (every 10): steps 2-10 had non-finite losses.
+    assert "9 consecutive steps with a non-finite loss or gradient (step 10)" in err
     (checkpoint,) = (tmp_path / "nan" / "checkpoints").glob("*.pt")
     state = torch.load(checkpoint, weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    # Written at the first non-finite step, whose update was skipped: the weights from before it.
-    first_bad = next(r["step"] for r in metrics(tmp_path / "nan") if r.get("nonfinite_steps"))
-    assert state["step"] == first_bad - 1 and state["nonfinite"] == 1
+    assert state["step"] == 10 and state["nonfinite"] == 9
+    # Their updates were skipped on the device: the weights are those after step 1, exactly.
+    one = args[: args.index("--steps") + 1] + ["1"] + args[args.index("--steps") + 2 :]
+    assert train_main([*one, "--name", "one"]) == 0
+    after_one = final_weights(tmp_path / "one")
+    assert all(torch.equal(state["model"][k], v) for k, v in after_one.items())
+    rows = [r for r in metrics(tmp_path / "nan") if "loss" in r]
+    assert [r["nonfinite_streak"] for r in rows] == [0, 9] and not math.isfinite(rows[-1]["loss"])
 
 
 # --- 2 ranks against 1 -------------------------------------------------------------------

@@ -136,11 +136,15 @@ class TrainConfig:
     resume: str = knob("", "'latest' or a checkpoint path: continue that run exactly")
     save_every: int = knob(500, "checkpoint every N steps (and at the end)")
     keep: int = knob(3, "checkpoints kept")
-    log_every: int = knob(10, "metrics.jsonl row (and, with --no-progress, a line) every N steps")
+    log_every: int = knob(
+        10,
+        "metrics.jsonl row (and, with --no-progress, a line) every N steps; ranks also agree on stop "
+        "signals, damaged studies and non-finite streaks there (the only host sync of ordinary steps)",
+    )
     zeroshot_every: int = knob(0, "zero-shot evaluation on val_data every N steps and at the end (0: never)")
     report_to: str = knob("", "also log to TensorBoard", ("", "tensorboard"))
     peak_tflops: float | None = knob(None, "the device's peak TFLOP/s for MFU (none: known GPUs only)")
-    max_nonfinite: int = knob(10, "stop after this many non-finite steps in a row")
+    max_nonfinite: int = knob(10, "stop after this many non-finite steps in a row (seen at log steps)")
     on_error: str = knob("raise", "a damaged training study: stop naming it, or skip and count it", ON_ERROR)
     max_skipped: float = knob(
         0.01, "stop past this many skipped studies: a fraction of train_data, or a count"

@@ -47,6 +47,22 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` (a device scalar, 0.0 or 1.0), 1.0 where any rank has 1.0: a collective on the
+    device, no host sync."""
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
+def reduce_packed(values: torch.Tensor) -> list[float]:
+    """Sums over ranks of a 1-D float64 tensor of numbers, in one collective, read on the host
+    (one sync)."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values.tolist()
+
+
 def reduce_sum(value: float, device: torch.device) -> float:
     """Sum of ``value`` over ranks (the value itself in one process)."""
     return reduce_sums([value], device)[0]

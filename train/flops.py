@@ -53,8 +53,9 @@ def vision_forward_flops(config: VisionConfig, layout: Layout, patch_dropout: fl
 
 
 def text_forward_flops(config, attention_mask: torch.Tensor) -> float:
-    """A BERT-style encoder on the real (unpadded) lengths of a tokenised batch."""
-    lengths = attention_mask.sum(1).double()
+    """A BERT-style encoder on the real (unpadded) lengths of a tokenised batch (its mask on the
+    host, as the tokenizer makes it: read with NumPy, never a device sync)."""
+    lengths = attention_mask.numpy().sum(1, dtype=np.float64)
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     per_layer = 2.0 * float(lengths.sum()) * (4 * h * h + 2 * h * i) + 4.0 * h * float((lengths**2).sum())
     return layers * per_layer

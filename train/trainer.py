@@ -23,6 +23,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from .config import FIXED, RUN_ONLY, TrainConfig
 from .data import plan_epoch, plan_problems, train_loader
 from .evaluate import ZeroShotEval
 from .flops import peak_tflops, train_step_flops
+from .health import NonfiniteSteps
 from .log import MetricsLog
 from .optim import cosine_schedule, param_groups
 
@@ -63,6 +65,38 @@ class TrainingStopped(RunStopped):
 
 class _Interrupted(Exception):
     """A stop signal arrived between the micro-batches of a step: the step is abandoned."""
+
+
+@dataclass
+class _Window:
+    """The steps since the last log step: host-side sums, and the last step's device values."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    wait: float = 0.0
+    studies: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    lr: float = 0.0
+    loss: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
+
+    def add(self, step: dict, wait: float) -> None:
+        self.steps, self.wait = self.steps + 1, self.wait + wait
+        self.studies, self.tokens, self.flops = (
+            self.studies + step["studies"],
+            self.tokens + step["tokens"],
+            self.flops + step["flops"],
+        )
+        self.lr, self.loss, self.grad_norm = step["lr"], step["loss"], step["grad_norm"]
+
+
+def _reader_description(cfg: TrainConfig) -> str:
+    return {
+        "cpu": f"{cfg.workers} DataLoader worker(s) per rank",
+        "nvcomp": "nvCOMP decoding on the GPU",
+        "dali": f"DALI, {max(1, cfg.workers)} thread(s) per rank",
+    }[cfg.reader]
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -155,8 +189,9 @@ class Trainer:
         self.model = self._build_model()
         self.net = self._wrap(self.model)  # before the optimizer: FSDP2 replaces the parameters
         self.dtype = autocast_dtype(cfg.precision, dist.device.type)
+        # fused: it takes the step's non-finite flag on the device and skips the update there
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+            param_groups(self.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True
         )
         self.steps_per_epoch = self.plan.steps_per_rank(dist.world_size, cfg.accum_freq)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
@@ -167,7 +202,8 @@ class Trainer:
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.dtype == torch.float16)
         self.loss = SigLipLoss() if cfg.siglip else ClipLoss(cfg.local_loss, cfg.gather_with_grad)
-        self.step, self.epoch, self.batch_in_epoch, self.nonfinite = 0, 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.health = NonfiniteSteps(dist.device)
         self.saved_step = -1
         self.skipped: dict[tuple, dict] = {}  # damaged studies left out, over the whole run
         self._new_skips: list[dict] = []
@@ -250,7 +286,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "nonfinite": self.nonfinite,
+            "nonfinite": self.health.count(),
             "ranks": D.gather(position),  # every rank's data position and RNG states
             "skipped": list(self.skipped.values()),
             "config": json.dumps(self.cfg.to_dict()),
@@ -329,7 +365,8 @@ class Trainer:
         )
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step, self.nonfinite = state["step"], state["nonfinite"]
+        self.step = state["step"]
+        self.health.restore(state["nonfinite"])
         self.skipped = {_skip_key(r): r for r in state.get("skipped", [])}
         self.saved_step = self.step
         mine = state["ranks"][self.dist.rank]
@@ -352,7 +389,7 @@ class Trainer:
         for group, lr_lambda in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
             group["initial_lr"] = cfg.lr
             group["lr"] = cfg.lr * lr_lambda(scheduler.last_epoch)
-            group["betas"], group["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
+            group["betas"], group["eps"], group["fused"] = (cfg.beta1, cfg.beta2), cfg.eps, True
             if group["weight_decay"]:
                 group["weight_decay"] = cfg.wd
 
@@ -391,8 +428,9 @@ class Trainer:
         return micro
 
     def _stop_requested(self) -> bool:
-        """Whether a stop signal reached any rank (a collective: every rank asks at the same point)."""
-        return D.reduce_sum(float(self.stop_signal is not None), self.dist.device) > 0
+        """Whether to abandon a step between its micro-batches: a stop signal, in one process.
+        Ranks agree on theirs at the next log step, in the collective that step makes anyway."""
+        return self.dist.world_size == 1 and self.stop_signal is not None
 
     def _absorb_skips(self) -> None:
         """Gather the studies every rank skipped since the last call, count them once each,
@@ -428,8 +466,10 @@ class Trainer:
         return batch.text if batch.text is not None else self.model.tokenize(batch.reports)
 
     def train_step(self, micro: list[Batch]) -> dict:
-        """Forward, backward and update on ``micro`` (``accum_freq`` batches); skips the update
-        (and counts it) when the loss or the gradient norm is not finite on any rank."""
+        """Forward, backward and update on ``micro`` (``accum_freq`` batches), with no host sync:
+        a loss or gradient norm that is not finite on any rank skips the update on the device
+        and is counted there (:class:`NonfiniteSteps`). Returns the loss and gradient norm (device
+        scalars) and the step's host-side numbers: learning rate, studies, tokens, FLOPs."""
         self.net.train()
         inputs = [(b.studies.to(self.dist.device, non_blocking=True), self._tokens(b)) for b in micro]
         if len(micro) == 1:
@@ -439,30 +479,29 @@ class Trainer:
             self.scaler.scale(loss).backward()
         else:
             loss = self._accumulated(inputs)
-        finite = D.reduce_sum(float(not torch.isfinite(loss).item()), self.dist.device) == 0
-        grad_norm = float("nan")
-        if finite:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            clip = self.cfg.grad_clip_norm if self.cfg.grad_clip_norm else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.nonfinite += 1
+        loss = loss.detach().float()
+        bad = D.any_rank((~torch.isfinite(loss)).to(torch.float32))
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.grad_clip_norm if self.cfg.grad_clip_norm else float("inf")
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, clip)).float()
+        bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).to(torch.float32))
+        self.optimizer.found_inf = bad
+        self.optimizer.step()
+        self.scaler.update()
+        self.health.record(bad)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return {
-            "loss": float(loss.detach()),
-            "lr": lr,
+            "loss": loss,
             "grad_norm": grad_norm,
-            "finite": finite,
-            "inputs": inputs,
+            "lr": lr,
+            "studies": sum(b.num_studies for b, _ in inputs),
+            "tokens": sum(b.layout.num_tokens for b, _ in inputs),
+            "flops": sum(train_step_flops(self.model, b.layout, t["attention_mask"]) for b, t in inputs),
         }
 
     def _accumulated(self, inputs) -> torch.Tensor:
@@ -518,85 +557,135 @@ class Trainer:
         return {"step": self.step, "stopped": self.stop_signal, **last}
 
     def fit(self) -> dict:
-        cfg, dist = self.cfg, self.dist
+        """Steps to ``total_steps``. An ordinary step makes no host sync; a log step makes one
+        (:meth:`_log`), as do saves and evaluations."""
+        cfg = self.cfg
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        metrics = MetricsLog(self.run_dir, cfg.report_to, enabled=dist.main)
+        metrics = MetricsLog(self.run_dir, cfg.report_to, enabled=self.dist.main)
         bar = self.console.progress(
             self.total_steps, "train", "steps", every=cfg.log_every, initial=self.step
         )
-        readers = {
-            "cpu": f"{cfg.workers} DataLoader worker(s) per rank",
-            "nvcomp": "nvCOMP decoding on the GPU",
-            "dali": f"DALI, {max(1, cfg.workers)} thread(s) per rank",
-        }
-        self.console.say(f"waiting for the first batch ({readers[cfg.reader]})")
-        data = self.batches()
-        streak, last = 0, {}
+        self.console.say(f"waiting for the first batch ({_reader_description(cfg)})")
+        data, window, last = self.batches(), _Window(), {}
         try:
             while self.step < self.total_steps:
-                position = (self.epoch, self.batch_in_epoch)
-                started = time.perf_counter()
+                position, started = (self.epoch, self.batch_in_epoch), time.perf_counter()
                 try:
                     micro = self._next_micro_batches(data)
-                    if dist.device.type == "cuda":
-                        torch.cuda.synchronize(dist.device)
-                    loaded = time.perf_counter()
-                    result = self.train_step(micro)
+                    waited = time.perf_counter() - started
+                    window.add(self.train_step(micro), waited)
                 except _Interrupted:
                     self.epoch, self.batch_in_epoch = position  # the abandoned step is redone on resume
                     self.optimizer.zero_grad(set_to_none=True)
                     self.save()
                     return self._stopped(last)
-                if dist.device.type == "cuda":
-                    torch.cuda.synchronize(dist.device)
-                done = time.perf_counter()
-                if not last:
-                    self.console.say(f"first step done in {done - started:.1f} s (loss {result['loss']:.4f})")
-                streak = 0 if result["finite"] else streak + 1
-                if streak == 1 and self.saved_step != self.step:
-                    self.save()  # the weights from just before the first non-finite step
                 self.step += 1
-                stop, new_skips = D.reduce_sums(
-                    [float(self.stop_signal is not None), len(self._new_skips)], dist.device
+                if not last or self._is_log_step():  # the first step of a run or resume too
+                    last, stop = self._log(metrics, window, first=not last)
+                    window = _Window()
+                else:
+                    stop = self._local_checks()
+                bar.update(
+                    1, **({"loss": f"{last['loss']:.4f}", "studies_s": f"{last['studies_per_s']:.1f}"})
                 )
-                if new_skips:
-                    try:
-                        self._absorb_skips()
-                    except TrainingStopped:
-                        self.save()  # the weights are sound: keep them for a resume once the data is repaired
-                        raise
-                last = self._record(metrics, micro, result, started, loaded, done, force=bool(new_skips))
-                bar.update(1, loss=f"{last['loss']:.4f}", studies_s=f"{last['studies_per_s']:.1f}")
-                if streak and streak >= cfg.max_nonfinite:
-                    raise TrainingStopped(
-                        f"{streak} consecutive steps with a non-finite loss or gradient (step {self.step}); "
-                        f"stopped. Weights from before the first of them: {self.checkpoints.latest()}. "
-                        "Lower --lr, raise --warmup or use --precision fp32 and resume from there."
-                    )
                 if self.evaluator and cfg.zeroshot_every and self.step % cfg.zeroshot_every == 0:
-                    metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, dist))
+                    metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, self.dist))
                 if self.step % cfg.save_every == 0 or stop:
                     self.save()
                 if stop:
                     return self._stopped(last)
-            if streak:
-                raise TrainingStopped(
-                    f"the run ended on {streak} steps with a non-finite loss or gradient: its weights give "
-                    f"non-finite results and were not exported. Weights from before them: "
-                    f"{self.checkpoints.latest()}. Lower --lr or raise --warmup and resume from there."
-                )
-            if self.saved_step != self.step:
-                self.save()
-            if self.evaluator and cfg.zeroshot_every != 0 and self.step % cfg.zeroshot_every:
-                metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, dist))
-            export = self.model_for_export()  # collective under FSDP: every rank takes part
-            D.on_main(lambda: save_pretrained(export, self.run_dir / "final"))
-            return {"step": self.step, "stopped": None, **last}
+            return self._finish(metrics, last)
         finally:
             bar.close()
             metrics.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _finish(self, metrics: MetricsLog, last: dict) -> dict:
+        """After the last step (a log step): refuse to export weights that end a non-finite
+        streak, save, evaluate, export."""
+        if last["nonfinite_streak"]:
+            raise TrainingStopped(
+                f"the run ended on {last['nonfinite_streak']} steps with a non-finite loss or gradient: its "
+                f"weights give non-finite results and were not exported. Weights from before them: "
+                f"{self.checkpoints.latest()}. Lower --lr or raise --warmup and resume from there."
+            )
+        if self.saved_step != self.step:
+            self.save()
+        if self.evaluator and self.cfg.zeroshot_every != 0 and self.step % self.cfg.zeroshot_every:
+            metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, self.dist))
+        export = self.model_for_export()  # collective under FSDP: every rank takes part
+        D.on_main(lambda: save_pretrained(export, self.run_dir / "final"))
+        return {"step": self.step, "stopped": None, **last}
+
+    def _is_log_step(self) -> bool:
+        return self.step % self.cfg.log_every == 0 or self.step in (1, self.total_steps)
+
+    def _local_checks(self) -> bool:
+        """Between log steps, in one process only (host values, no collective): absorb the
+        studies the reader skipped, and say whether a stop signal came. Ranks agree on both at
+        log steps."""
+        if self.dist.world_size > 1:
+            return False
+        if self._new_skips:
+            self._absorb_skips_saving()
+        return self.stop_signal is not None
+
+    def _absorb_skips_saving(self) -> None:
+        try:
+            self._absorb_skips()
+        except TrainingStopped:
+            self.save()  # the weights are sound: keep them for a resume once the data is repaired
+            raise
+
+    def _log(self, metrics: MetricsLog, window: _Window, first: bool) -> tuple[dict, bool]:
+        """A log step: the steps since the last one (host numbers), every rank's stop signal and
+        damaged-study count, and the device values (the last step's loss and gradient norm, the
+        non-finite counts, the temperature) summed over ranks in one collective and read in one
+        host sync; writes the metrics row; saves at the start of a non-finite streak (the update
+        of its steps were skipped: the weights from before it), stops past ``--max-nonfinite``
+        or ``--max-skipped``. Returns the row and whether a stop signal reached any rank."""
+        world, device = self.dist.world_size, self.dist.device
+        host = [window.studies, window.tokens, window.flops, float(self.stop_signal is not None)]
+        host.append(float(len(self._new_skips)))
+        values = [window.loss, window.grad_norm, self.health.total, self.health.streak]
+        values.append(_full(self.model.logit_scale).detach().exp().reshape(()))
+        packed = torch.cat([torch.tensor(host, dtype=torch.float64).to(device), torch.stack(values).double()])
+        studies, tokens, flops, stops, new_skips, *means = D.reduce_packed(packed)
+        loss, grad_norm, nonfinite, streak, logit_scale = (v / world for v in means)
+        seconds = time.perf_counter() - window.start
+        if first:
+            self.console.say(f"first step done in {seconds:.1f} s (loss {loss:.4f})")
+        if new_skips:
+            self._absorb_skips_saving()
+        row = {
+            "epoch": self.epoch,
+            "loss": loss,
+            "lr": window.lr,
+            "logit_scale": logit_scale,
+            "grad_norm": grad_norm,
+            "nonfinite_steps": round(nonfinite),
+            "nonfinite_streak": round(streak),
+            "skipped_studies": len(self.skipped),
+            "studies": int(studies),
+            "tokens": int(tokens),
+            "studies_per_s": studies / seconds,
+            "tokens_per_s": tokens / seconds,
+            "data_wait": window.wait / seconds,
+            "tflops_per_s": flops / seconds / 1e12,
+            "mfu": flops / seconds / (self.peak * 1e12 * world) if self.peak else None,
+            "step_s": seconds / window.steps,
+        }
+        metrics.write(self.step, row)
+        if streak and self.saved_step != self.step:
+            self.save()
+        if streak >= self.cfg.max_nonfinite:
+            raise TrainingStopped(
+                f"{round(streak)} consecutive steps with a non-finite loss or gradient (step {self.step}); "
+                f"stopped. Weights from before the first of them: {self.checkpoints.latest()}. "
+                "Lower --lr, raise --warmup or use --precision fp32 and resume from there."
+            )
+        return row, stops > 0
 
     def model_for_export(self) -> HLIPModel | None:
         """The plain model with full weights; under FSDP gathered from the shards (a collective)
@@ -610,34 +699,6 @@ class Trainer:
         plain = HLIPModel(self.model.config)
         plain.load_state_dict(state)
         return plain
-
-    def _record(self, metrics: MetricsLog, micro, result, started, loaded, done, force: bool) -> dict:
-        """The step's metrics row, written every ``log_every`` steps and whenever ``force``."""
-        studies = sum(m.studies.num_studies for m in micro)
-        tokens = sum(m.studies.layout.num_tokens for m in micro)
-        flops = sum(train_step_flops(self.model, b.layout, t["attention_mask"]) for b, t in result["inputs"])
-        studies, tokens, flops = (D.reduce_sum(v, self.dist.device) for v in (studies, tokens, flops))
-        seconds = done - started
-        row = {
-            "epoch": self.epoch,
-            "loss": result["loss"],
-            "lr": result["lr"],
-            "logit_scale": float(_full(self.model.logit_scale).detach().exp()),
-            "grad_norm": result["grad_norm"],
-            "nonfinite_steps": self.nonfinite,
-            "skipped_studies": len(self.skipped),
-            "studies": int(studies),
-            "tokens": int(tokens),
-            "studies_per_s": studies / seconds,
-            "tokens_per_s": tokens / seconds,
-            "data_wait": (loaded - started) / seconds,
-            "tflops_per_s": flops / seconds / 1e12,
-            "mfu": flops / seconds / (self.peak * 1e12 * self.dist.world_size) if self.peak else None,
-            "step_s": seconds,
-        }
-        if self.step % self.cfg.log_every == 0 or self.step == 1 or not result["finite"] or force:
-            metrics.write(self.step, row)
-        return row
 
 
 def _skip_key(record: dict) -> tuple:
