@@ -18,7 +18,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO / "tests"))  # the padded HLIP pipeline lives with the tests
 
 
 def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:

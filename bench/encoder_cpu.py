@@ -23,9 +23,9 @@ import math
 
 import torch
 from common import measure, median, write_results
-from padded_hlip import PaddedHLIP
 
 from hlip_fast import create_model, pack_studies
+from hlip_fast.padded_hlip import PaddedHLIP
 
 
 def ragged_mix(gen: torch.Generator, studies: int) -> list[list[int]]:
@@ -74,7 +74,9 @@ def padded_step(model, depths, fixed_depth, padded_scans, in_plane, gen):
         model.zero_grad(set_to_none=True)
         model(volumes).square().sum().backward()
 
-    tokens = volumes[0, 0, 0].numel() // math.prod(model.patch_size) * padded_scans * len(depths)
+    tokens = (
+        volumes[0, 0, 0].numel() // math.prod(model.patch_embed.proj.kernel_size) * padded_scans * len(depths)
+    )
     return step, tokens
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import REPO  # noqa: F401  (puts tests/ on the path for padded_hlip)
 from encoder_cpu import packed_step, padded_step, ragged_mix
 from layout_host import brain_mri_grids, build_with_schedules
-from padded_hlip import PaddedHLIP
 
 from hlip_fast import Layout, create_model
+from hlip_fast.padded_hlip import PaddedHLIP
 
 pytest.importorskip("pytest_benchmark")
 

@@ -2,7 +2,7 @@
 
 One full contrastive step each — vision tower, text tower, projections, InfoNCE loss, backward
 and AdamW update — on the same ragged studies and reports. hlip_fast packs the studies as they
-are; the padded pipeline (HLIP's recipe, ``tests/padded_hlip.py`` with timm blocks) resizes
+are; the padded pipeline (HLIP's recipe, ``hlip_fast/padded_hlip.py`` with timm blocks) resizes
 every scan to one depth and fills every study to a fixed scan count by repeating its scans.
 Reported: studies per second (median of ``--repeats`` passes over all steps) and peak memory
 per study (GPU: ``max_memory_allocated``; CPU: the peak resident-set growth of a child
@@ -23,12 +23,12 @@ import tempfile
 import torch
 from common import measure, median, write_results
 from encoder_cpu import ragged_mix
-from padded_hlip import OriginalHLIPClip
 from transformers import BertModel
 
 from hlip_fast import create_clip, pack_studies
 from hlip_fast.losses import ClipLoss
 from hlip_fast.models.registry import get_config
+from hlip_fast.padded_hlip import OriginalHLIPClip
 from hlip_fast.text import TextConfig, build_tiny_text_model
 
 REPORT = "There is a small mass in the left hemisphere. No haemorrhage. The ventricles are normal in size."

@@ -41,12 +41,18 @@ def synthetic_studies(
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median milliseconds of ``repeats`` calls of ``fn`` (after one warm-up) and its last result."""
+    """Median milliseconds of ``repeats`` calls of ``fn`` (after one warm-up) and its last result;
+    on CUDA each call is timed to the end of its kernels, not of their launch."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     result = fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         result = fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), result
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from padded_hlip import OriginalHLIPClip
 from safetensors.torch import save_file
 from transformers import BertModel
 
 import hlip_fast
 from hlip_fast import create_clip, load_hlip_checkpoint, pack_studies
 from hlip_fast.losses import ClipLoss, SigLipLoss
+from hlip_fast.padded_hlip import OriginalHLIPClip
 
 
 def ragged_batch(model, seed: int = 0):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from padded_hlip import PaddedHLIP
 
 import hlip_fast
 from hlip_fast import HLIPVisionEncoder, VisionConfig, create_model, list_models, pack_studies
+from hlip_fast.padded_hlip import PaddedHLIP
 
 TINY = ["vit_tiny_singlescan_h2", "vit_tiny_multiscan_h2", "vit_tiny_multiscan_h3"]
 SCHEDULES = [None, ("study", "slice", "scan"), ("scan", "study", "slice")]

@@ -70,12 +70,12 @@ def test_every_block_is_runnable_or_says_why_not():
 def workdir(tmp_path_factory) -> Path:
     """A fresh folder with the repository's scripts and the stand-ins the snippets name."""
     import torch
-    from padded_hlip import OriginalHLIPClip
     from test_ct_rate import ct_rate_release
     from transformers import BertModel
 
     from hlip_fast.data.synth import SIZES, make_study
     from hlip_fast.models.registry import get_config
+    from hlip_fast.padded_hlip import OriginalHLIPClip
     from hlip_fast.text import build_tiny_text_model
 
     root = tmp_path_factory.mktemp("readme")

@@ -144,3 +144,11 @@ def plan_problems(
             f"reach --lr {cfg.lr:g}; lower --warmup (e.g. {max(1, steps // 20)}) or run longer"
         )
     return problems
+
+
+def training_reports(cfg: TrainConfig) -> list[str]:
+    """Every training study's report, read from the shards (the tiny text model's vocabulary
+    and masked-language-model warm-up come from them)."""
+    return [
+        raw.meta["report"] for raw in RawStudies(cfg.train_data, rank=0, world_size=1, on_error=cfg.on_error)
+    ]

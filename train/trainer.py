@@ -31,28 +31,27 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from hlip_fast.checkpoint import save_pretrained
 from hlip_fast.cli_options import autocast_dtype
 from hlip_fast.clip import HLIPModel, create_clip
 from hlip_fast.console import Console
 from hlip_fast.data.batching import Batch
-from hlip_fast.data.reader import RawStudies
 from hlip_fast.errors import RunStopped, problem_list
 from hlip_fast.files import read_json, write_json
 from hlip_fast.folder_lock import FolderLock
 from hlip_fast.losses import ClipLoss, SigLipLoss
 from hlip_fast.models.registry import get_config
+from hlip_fast.pretrained import save_pretrained
 from hlip_fast.text import TextConfig, build_tiny_text_model
 
 from . import distributed as D
-from .checkpoint import Checkpoints, rng_state, set_rng_state
 from .config import FIXED, RUN_ONLY, TrainConfig
-from .data import plan_epoch, plan_problems, train_loader
+from .data import plan_epoch, plan_problems, train_loader, training_reports
 from .evaluate import ZeroShotEval
 from .flops import peak_tflops, train_step_flops
 from .health import NonfiniteSteps
 from .log import MetricsLog
 from .optim import cosine_schedule, param_groups
+from .training_state import Checkpoints, rng_state, set_rng_state
 
 log = logging.getLogger("hlip_fast.train")
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -118,8 +117,7 @@ def _build_text_model(cfg: TrainConfig, run_dir: Path, dist: D.Dist, console: Co
             console.say(f"text model: {folder} (built earlier in this run)")
             return
         console.say(f"building a tiny text model from the training reports in {folder}")
-        studies = RawStudies(cfg.train_data, rank=0, world_size=1, on_error=cfg.on_error)
-        reports = [s.meta["report"] for s in studies]
+        reports = training_reports(cfg)
         build_tiny_text_model(folder, reports, mlm_steps=cfg.text_mlm_steps, seed=cfg.seed, console=console)
 
     D.on_main(build)
@@ -250,7 +248,7 @@ class Trainer:
             **({"max_num_scans": cfg.max_scans} if cfg.max_scans else {}),
         )
         if cfg.pretrained:
-            from hlip_fast.checkpoint import load_pretrained
+            from hlip_fast.pretrained import load_pretrained
 
             model.load_state_dict(load_pretrained(cfg.pretrained).state_dict())
         model.visual.set_grad_checkpointing(cfg.grad_checkpointing)

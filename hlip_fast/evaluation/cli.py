@@ -57,7 +57,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace):
-    from ..checkpoint import load_hlip_checkpoint, load_pretrained
+    from ..pretrained import load_hlip_checkpoint, load_pretrained
 
     if (args.model is None) == (args.hlip_checkpoint is None):
         raise ValueError("give exactly one of --model or --hlip-checkpoint")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from damage import copy_corpus, flip, truncate
 from hlip_fast.train import main as train_main
-from hlip_fast.train.checkpoint import Checkpoints
 from hlip_fast.train.trainer import Trainer
+from hlip_fast.train.training_state import Checkpoints
 from safetensors.torch import load_file
 
 from hlip_fast.data import synthesize
