@@ -368,6 +368,51 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
         )
 
 
+def launch_ranks(ranks: int, args: list[str]) -> subprocess.Popen:
+    """``torchrun`` with ``ranks`` processes on this machine (gloo), in a session of its own.
+    ``--logs`` goes in a config file: torchrun's parser takes it for its own ``--logs-specs``."""
+    at = args.index("--logs")
+    config = Path(args[at + 1]) / f"ranks_{os.getpid()}_{time.monotonic_ns()}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f"logs: {args[at + 1]}\n")
+    args = [*args[:at], *args[at + 2 :], "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    return subprocess.Popen(
+        [*command, "-m", "hlip_fast.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_fsdp_resume_after_sigkill_equals_an_uninterrupted_run_and_reshards(corpus, tmp_path):
+    """Two FSDP2 ranks with accumulation (gradients reduced on the last micro-batch only): killed
+    mid-run and resumed, the weights equal the uninterrupted run's; the 2-rank checkpoint then
+    resumes in one process (resharded) with exactly those weights."""
+    common = ["--steps", "5", "--lr", "1e-3", "--warmup", "2", "--save-every", "1", "--keep", "2"]
+    common += ["--fsdp", "--accum-freq", "2", "--max-studies", "3", "--log-every", "2"]
+    whole = launch_ranks(2, run_args(corpus, tmp_path, "--name", "whole", *common))
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+    victim = launch_ranks(2, run_args(corpus, tmp_path, "--name", "killed", *common))
+    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000003.pt", victim)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = launch_ranks(2, run_args(corpus, tmp_path, "--name", "killed", "--resume", "latest", *common))
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0 and "resumed from" in output, output
+    want = final_weights(tmp_path / "whole")
+    got = final_weights(tmp_path / "killed")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    one = [a for a in common if a != "--fsdp"] + ["--resume", "latest", "--resume-override", "fsdp"]
+    assert train_main(run_args(corpus, tmp_path, "--name", "whole", *one)) == 0
+    again = final_weights(tmp_path / "whole")
+    assert all(torch.equal(want[k], again[k]) for k in want)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_and_exits_cleanly(corpus, tmp_path, stop):
     process = launch(run_args(corpus, tmp_path, "--name", "term", "--steps", "1000", "--save-every", "1000"))
@@ -421,15 +466,18 @@ def test_divergence_stops_with_the_last_good_checkpoint(corpus, tmp_path, capsys
 # --- 2 ranks against 1 -------------------------------------------------------------------
 
 
-def fixed_batches(trainer, ranks: int, rank: int, steps: int = 3, per_step: int = 8):
-    """The same global batches for any number of ranks; rank r takes the r-th share of each."""
+def fixed_batches(trainer, ranks: int, rank: int, micro: int = 1, steps: int = 3, per_step: int = 8):
+    """The same global batches for any number of ranks; rank r takes the r-th share of each, as
+    ``micro`` micro-batches."""
     model, cfg = trainer.model, trainer.cfg
     raws = RawStudies(cfg.train_data, train=False, rank=0, world_size=1)
     studies = list(decoded_studies(raws, train_transforms(cfg, model), False, 0))
     share = per_step // ranks
     for step in range(steps):
         members = studies[step * per_step + rank * share : step * per_step + (rank + 1) * share]
-        yield collate(members, model.config.vision.patch_size)
+        size = share // micro
+        parts = [members[i * size : (i + 1) * size] for i in range(micro)]
+        yield [collate(part, model.config.vision.patch_size) for part in parts]
 
 
 def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: Path, tag: str) -> None:
@@ -456,8 +504,8 @@ def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: P
     initial = trainer.model_for_export()  # gathered on rank 0 under FSDP
     if dist.main:
         torch.save(initial.state_dict(), out / f"initial_{tag}.pt")
-    for batch in fixed_batches(trainer, world, rank):
-        trainer.train_step([batch])
+    for micro in fixed_batches(trainer, world, rank, micro=2 if "accum" in tag else 1):
+        trainer.train_step(micro)
     trained = trainer.model_for_export()
     if dist.main:
         torch.save(trained.state_dict(), out / f"{tag}.pt")
@@ -477,7 +525,7 @@ def test_two_rank_ddp_and_fsdp_equal_one_rank_with_the_same_global_batch(corpus,
     text = str(
         build_tiny_text_model(tmp_path / "bert", ["no mass.", "a small mass in the left lobe."], dropout=0.0)
     )
-    runs = [(1, "one"), (2, "ddp"), (2, "fsdp")]
+    runs = [(1, "one"), (2, "ddp"), (2, "fsdp"), (2, "fsdp_accum")]  # accum: 2 micro-batches a rank
     for world, tag in runs:
         mp.start_processes(
             ddp_worker,

@@ -259,15 +259,32 @@ class Trainer:
         return model.to(self.dist.device)
 
     def _wrap(self, model: HLIPModel) -> torch.nn.Module:
+        """DDP, or FSDP2 sharding every vision block and text layer on its own (then the rest),
+        computing in bf16 and reducing gradients in fp32 under ``--precision bf16``."""
         if self.cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            for block in model.visual.blocks:
-                fully_shard(block)
-            return fully_shard(model)
+            bf16 = self.cfg.precision == "bf16"
+            policy = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+            )
+            options = {"mp_policy": policy} if policy else {}
+            for layer in [*model.visual.blocks, *model.text.transformer.encoder.layer]:
+                fully_shard(layer, **options)
+            return fully_shard(model, **options)
         if self.dist.world_size > 1:
             return DistributedDataParallel(model)
         return model
+
+    def _gradient_sync(self, enabled: bool):
+        """Whether this backward reduces gradients across ranks: accumulation reduces only on
+        its last micro-batch (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``)."""
+        if hasattr(self.net, "set_requires_gradient_sync"):
+            self.net.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        if enabled or not hasattr(self.net, "no_sync"):
+            return contextlib.nullcontext()
+        return self.net.no_sync()
 
     # --- checkpoints ---------------------------------------------------------------------
     def _state(self) -> dict:
@@ -329,10 +346,6 @@ class Trainer:
         else:
             found = (Path(cfg.resume), Checkpoints.load(cfg.resume))
         path, state = found
-        if len(state["ranks"]) != self.dist.world_size:
-            raise ValueError(
-                f"{path} was written by {len(state['ranks'])} ranks; this run has {self.dist.world_size}"
-            )
         self.overrides = _config_changes(json.loads(state["config"]), cfg, path)
         return path, state
 
@@ -367,9 +380,23 @@ class Trainer:
         self.health.restore(state["nonfinite"])
         self.skipped = {_skip_key(r): r for r in state.get("skipped", [])}
         self.saved_step = self.step
-        mine = state["ranks"][self.dist.rank]
-        self.epoch, self.batch_in_epoch = mine["epoch"], mine["batch_in_epoch"]
-        set_rng_state(mine["rng"])
+        ranks = state["ranks"]
+        if len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            self.epoch, self.batch_in_epoch = mine["epoch"], mine["batch_in_epoch"]
+            set_rng_state(mine["rng"])
+        else:  # resharded: the full weights and optimizer state load on any number of ranks
+            self.epoch, self.batch_in_epoch = min(r["epoch"] for r in ranks), 0
+            torch.manual_seed(self.cfg.seed + 1000 * self.dist.rank + self.step)
+            log.warning(
+                "%s was written by %d rank(s), this run has %d: weights, optimizer and schedule resume as "
+                "saved; the data order restarts at the beginning of epoch %d and the random draws differ "
+                "from an uninterrupted run",
+                path,
+                len(ranks),
+                self.dist.world_size,
+                self.epoch,
+            )
         self._apply_hyperparameters()
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
@@ -524,11 +551,7 @@ class Trainer:
         for j, (batch, tokens) in enumerate(inputs):
             check_stop()
             set_rng_state(states[j])
-            last = j == len(inputs) - 1
-            sync = (
-                contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
-            )
-            with sync:
+            with self._gradient_sync(j == len(inputs) - 1):
                 with self._autocast():
                     out = self.net(batch, tokens)
                     study = torch.cat(
@@ -602,7 +625,7 @@ class Trainer:
     def _finish(self, metrics: MetricsLog, last: dict) -> dict:
         """After the last step (a log step): refuse to export weights that end a non-finite
         streak, save, evaluate, export."""
-        if last["nonfinite_streak"]:
+        if last.get("nonfinite_streak"):
             raise TrainingStopped(
                 f"the run ended on {last['nonfinite_streak']} steps with a non-finite loss or gradient: its "
                 f"weights give non-finite results and were not exported. Weights from before them: "
