@@ -368,16 +368,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
         )
 
 
-def launch_ranks(ranks: int, args: list[str]) -> subprocess.Popen:
-    """``torchrun`` with ``ranks`` processes on this machine (gloo), in a session of its own.
-    ``--logs`` goes in a config file: torchrun's parser takes it for its own ``--logs-specs``."""
+def launch_ranks(ranks: int, args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    """``torchrun`` with ``ranks`` processes on this machine (gloo; or ``launcher``'s torchrun
+    flags), in a session of its own. ``--logs`` goes in a config file: torchrun's parser takes
+    it for its own ``--logs-specs``."""
     at = args.index("--logs")
     config = Path(args[at + 1]) / f"ranks_{os.getpid()}_{time.monotonic_ns()}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(f"logs: {args[at + 1]}\n")
     args = [*args[:at], *args[at + 2 :], "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    launcher = launcher or ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={ranks}"]
     return subprocess.Popen(
         [*command, "-m", "hlip_fast.train", *args],
         env=env,
@@ -411,6 +413,25 @@ def test_fsdp_resume_after_sigkill_equals_an_uninterrupted_run_and_reshards(corp
     assert train_main(run_args(corpus, tmp_path, "--name", "whole", *one)) == 0
     again = final_weights(tmp_path / "whole")
     assert all(torch.equal(want[k], again[k]) for k in want)
+
+
+def test_two_nodes_on_loopback_train_as_two_ranks_on_one_node(corpus, tmp_path):
+    """Two torchrun launches as two "nodes" (c10d rendezvous at 127.0.0.1, one process each,
+    gloo) train to the weights of one launch with two processes."""
+    common = ["--steps", "3", "--lr", "1e-3", "--warmup", "1", "--max-studies", "3", "--local-loss"]
+    one_node = launch_ranks(2, run_args(corpus, tmp_path, "--name", "one_node", *common))
+    assert one_node.wait(timeout=600) == 0, one_node.stdout.read()
+    rendezvous = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    rendezvous.append(f"--rdzv-id=nodes-{os.getpid()}")
+    nodes = [
+        launch_ranks(1, run_args(corpus, tmp_path, "--name", "two_nodes", *common), rendezvous)
+        for _ in range(2)
+    ]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stdout.read()
+    want, got = final_weights(tmp_path / "one_node"), final_weights(tmp_path / "two_nodes")
+    for key in want:  # the rendezvous may number the nodes either way: equal up to summation order
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
