@@ -198,18 +198,26 @@ def data_ct_rate(path: Path, result: dict) -> str:
 
 def train(path: Path, result: dict) -> str:
     c, r = result["config"], result["results"]
+    pipelines = (
+        ("padded HLIP", "padded_hlip", "1.00×"),
+        ("hlip_fast", "hlip_fast", f"{result['speedup']:.2f}×"),
+    )
     rows = [
         [name, f"{r[key]['studies_per_s']:.3f}", f"{r[key]['peak_mb_per_study']:.0f}", speedup]
-        for name, key, speedup in (
-            ("padded HLIP", "padded_hlip", "1.00×"),
-            ("hlip_fast", "hlip_fast", f"{result['speedup']:.2f}×"),
-        )
+        for name, key, speedup in pipelines
     ]
+
+    def phases(key: str) -> str:
+        seconds = r[key]["phase_seconds"]
+        total = sum(seconds.values())
+        return ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in seconds.items())
+
+    where = "; ".join(f"{name}: {phases(key)}" for name, key, _ in pipelines)
     return (
         f"`python bench/train.py` (preset `{c['preset']}`) — {_machine(result)}, medians of "
         f"{c['repeats']} passes ({_source(path)}):\n\n"
         + _table(["pipeline", "studies/s", "peak memory per study (MB)", "speed-up"], rows)
-        + "\n"
+        + f"\n\nWhere a pass goes (one more pass under `torch.profiler`, CPU time): {where}.\n"
     )
 
 

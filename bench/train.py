@@ -4,9 +4,13 @@ One full contrastive step each — vision tower, text tower, projections, InfoNC
 and AdamW update — on the same ragged studies and reports. hlip_fast packs the studies as they
 are; the padded pipeline (HLIP's recipe, ``hlip_fast/padded_hlip.py`` with timm blocks) resizes
 every scan to one depth and fills every study to a fixed scan count by repeating its scans.
-Reported: studies per second (median of ``--repeats`` passes over all steps) and peak memory
+Reported: studies per second (median of ``--repeats`` passes over all steps), peak memory
 per study (GPU: ``max_memory_allocated``; CPU: the peak resident-set growth of a child
-process that runs only that pipeline).
+process that runs only that pipeline), and where a step's time goes: one more pass under
+``torch.profiler`` with the forward, backward and optimizer phases marked (CPU time, or the
+GPU's time on CUDA). Batches are made before timing and one process runs each pipeline, so
+there is no data wait or communication here; ``hlip-train`` logs the data-wait share of its
+steps in ``metrics.jsonl``.
 
     python bench/train.py                      # CPU: small model, ragged brain-MRI mix
     python bench/train.py --preset ct-rate     # GPU: ViT-B, CT-RATE-shaped volumes, bf16
@@ -72,6 +76,34 @@ def make_models(preset: dict, text_dir: str, device: torch.device):
     return packed.to(device).train(), padded.to(device).train()
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def step(forward, optimizer) -> None:
+    """One training step, its phases marked for the profiler."""
+    with torch.profiler.record_function("forward"):
+        value = forward()
+    with torch.profiler.record_function("backward"):
+        value.backward()
+    with torch.profiler.record_function("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def phase_seconds(run, device: torch.device) -> dict[str, float]:
+    """Seconds of each phase in one pass of ``run`` under the profiler (GPU time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize(device)
+    totals = {e.key: e for e in prof.key_averages() if e.key in PHASES}
+    return {k: (totals[k].device_time_total if cuda else totals[k].cpu_time_total) / 1e6 for k in PHASES}
+
+
 def packed_steps(model, depths, preset, gen, device, dtype):
     pd = model.config.vision.patch_size[0]
     size = preset["in_plane"]
@@ -85,14 +117,14 @@ def packed_steps(model, depths, preset, gen, device, dtype):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     loss = ClipLoss()
 
+    def forward(batch, tokens):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(batch, tokens)
+            return loss(out["study_features"], out["text_features"], out["logit_scale"])
+
     def run():
         for batch, tokens in steps:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = model(batch, tokens)
-                value = loss(out["study_features"], out["text_features"], out["logit_scale"])
-            value.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(lambda batch=batch, tokens=tokens: forward(batch, tokens), optimizer)
 
     return run
 
@@ -113,15 +145,13 @@ def padded_steps(model, depths, preset, gen, device, dtype, tokenizer):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss = ClipLoss()
 
+    def forward(volumes, ids, mask):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return loss(model.encode_image(volumes), model.encode_text(ids, mask), model.logit_scale.exp())
+
     def run():
         for volumes, ids, mask in steps:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                value = loss(
-                    model.encode_image(volumes), model.encode_text(ids, mask), model.logit_scale.exp()
-                )
-            value.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(lambda v=volumes, i=ids, m=mask: forward(v, i, m), optimizer)
 
     return run
 
@@ -154,6 +184,7 @@ def _pipeline(name: str, args, text_dir: str) -> dict:
         "studies_per_s": studies / median(times),
         "seconds": times,
         "peak_mb_per_study": peak / 2**20 / preset["batch"],
+        "phase_seconds": phase_seconds(run, device),
     }
 
 
@@ -200,6 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in results.items():
         print(f"{name:<12} {r['studies_per_s']:>10.3f} {r['peak_mb_per_study']:>14.1f}")
     print(f"speed-up {speedup:.2f}x")
+    print(
+        "where a pass's time goes (one profiled pass; "
+        + ("GPU time" if args.device.startswith("cuda") else "CPU time")
+        + "):"
+    )
+    for name, r in results.items():
+        total = sum(r["phase_seconds"].values())
+        shares = ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in r["phase_seconds"].items())
+        print(f"{name:<12} {shares}")
     if not args.no_write:
         config = {k: v for k, v in vars(args).items() if k != "no_write"}
         payload = {"config": config, "preset": preset, "results": results, "speedup": speedup}
