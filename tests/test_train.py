@@ -585,8 +585,8 @@ def test_accumulation_equals_the_whole_batch(corpus, tmp_path):
             ["--train-data", str(corpus / "train"), "--logs", str(tmp_path), "--text-model", text, *flags]
         )
         trainer = Trainer(cfg, D.setup("cpu"))
-        halves = list(fixed_batches(trainer, 2, 0, steps=1)) + list(fixed_batches(trainer, 2, 1, steps=1))
-        trainer.train_step(halves if accum == 2 else list(fixed_batches(trainer, 1, 0, steps=1)))
+        halves = [*next(fixed_batches(trainer, 2, 0, steps=1)), *next(fixed_batches(trainer, 2, 1, steps=1))]
+        trainer.train_step(halves if accum == 2 else next(fixed_batches(trainer, 1, 0, steps=1)))
         weights[accum] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     # AdamW turns rounding-level gradient differences on near-zero gradients into steps of up to a
     # few 1e-5 here; a wrong accumulation moves many weights by a good part of lr (1e-3).
