@@ -23,7 +23,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -68,9 +68,10 @@ class _Interrupted(Exception):
 
 @dataclass
 class _Window:
-    """The steps since the last log step: host-side sums, and the last step's device values."""
+    """The steps since the last log step (from the start of the first, so saves and evaluations
+    between them are not counted): host-side sums, and the last step's device values."""
 
-    start: float = field(default_factory=time.perf_counter)
+    start: float = 0.0
     steps: int = 0
     wait: float = 0.0
     studies: int = 0
@@ -80,7 +81,8 @@ class _Window:
     loss: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None
 
-    def add(self, step: dict, wait: float) -> None:
+    def add(self, step: dict, started: float, wait: float) -> None:
+        self.start = started if self.steps == 0 else self.start
         self.steps, self.wait = self.steps + 1, self.wait + wait
         self.studies, self.tokens, self.flops = (
             self.studies + step["studies"],
@@ -594,7 +596,7 @@ class Trainer:
                 try:
                     micro = self._next_micro_batches(data)
                     waited = time.perf_counter() - started
-                    window.add(self.train_step(micro), waited)
+                    window.add(self.train_step(micro), started, waited)
                 except _Interrupted:
                     self.epoch, self.batch_in_epoch = position  # the abandoned step is redone on resume
                     self.optimizer.zero_grad(set_to_none=True)
@@ -606,9 +608,7 @@ class Trainer:
                     window = _Window()
                 else:
                     stop = self._local_checks()
-                bar.update(
-                    1, **({"loss": f"{last['loss']:.4f}", "studies_s": f"{last['studies_per_s']:.1f}"})
-                )
+                bar.update(1, loss=f"{last['loss']:.4f}", studies_s=f"{last['studies_per_s']:.1f}")
                 if self.evaluator and cfg.zeroshot_every and self.step % cfg.zeroshot_every == 0:
                     metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, self.dist))
                 if self.step % cfg.save_every == 0 or stop:
