@@ -237,12 +237,3 @@ def read_bytes(location: Location) -> bytes:
     """The whole (small) file at ``location``."""
     with open_binary(location) as handle:
         return handle.read()
-
-
-def exists(location: Location) -> bool:
-    """Whether a file is at ``location`` (one metadata request for a URL)."""
-    location = local(location)
-    if not is_url(location):
-        return Path(location).is_file()
-    fs, path = filesystem(location)
-    return retrying(location, "existence check", lambda: fs.exists(path))

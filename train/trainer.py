@@ -663,7 +663,7 @@ class Trainer:
         """A log step: the steps since the last one (host numbers), every rank's stop signal and
         damaged-study count, and the device values (the last step's loss and gradient norm, the
         non-finite counts, the temperature) summed over ranks in one collective and read in one
-        host sync; writes the metrics row; saves at the start of a non-finite streak (the update
+        host sync; writes the metrics row; saves at the start of a non-finite streak (the updates
         of its steps were skipped: the weights from before it), stops past ``--max-nonfinite``
         or ``--max-skipped``. Returns the row and whether a stop signal reached any rank."""
         world, device = self.dist.world_size, self.dist.device

@@ -29,7 +29,6 @@ from ..files import os_error_at, read_json
 from ..integrity import digest, verify_checksum
 from ..locations import (
     Location,
-    exists,
     expand,
     has_pattern,
     is_url,
@@ -201,9 +200,11 @@ def prepare_config(shard: Location) -> dict:
 def _side(shard: Location) -> dict | None:
     """The shard's verified side file (its studies), ``None`` when there is none."""
     side = with_suffix(shard, ".json")
-    if not exists(side):
+    try:
+        payload = read_json(side)
+    except FileNotFoundError:  # one request for a remote side file, not an existence check first
         return None
-    return verify_checksum(read_json(side), side)
+    return verify_checksum(payload, side)
 
 
 def _sides(shards: list[Location]) -> list[dict | None]:
