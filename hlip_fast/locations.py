@@ -43,7 +43,7 @@ def is_url(location: Location) -> bool:
 
 
 def local(location: Location) -> Location:
-    """``file://`` URLs as local paths (read with ``open``); anything else unchanged."""
+    """A local path as a ``Path`` (``file://`` URLs too, read with ``open``); other URLs unchanged."""
     if isinstance(location, str) and location.startswith("file://"):
         return Path(location.removeprefix("file://"))
     return Path(location) if not is_url(location) else location
