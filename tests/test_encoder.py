@@ -86,12 +86,12 @@ def test_grad_checkpointing_changes_nothing(seed):
     model = create_model("vit_tiny_multiscan_h3", drop_path_rate=0.0)
     batch = pack_studies(ragged_studies(), model.config.patch_size)
     torch.manual_seed(seed)  # training mode draws scan positions
-    model(batch).sum().backward()
+    model(batch).square().sum().backward()  # (a LayerNorm's output sums to its bias)
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.set_grad_checkpointing(True)
     torch.manual_seed(seed)
-    model(batch).sum().backward()
+    model(batch).square().sum().backward()
     for got, want in zip([p.grad for p in model.parameters()], plain):
         torch.testing.assert_close(got, want)
 
@@ -213,7 +213,7 @@ def test_patch_dropout_only_in_training(seed):
     batch = pack_studies(ragged_studies(), model.config.patch_size)
     tokens, cls = model.train().forward_features(batch)
     assert tokens.shape[0] < batch.layout.num_tokens and cls.shape[0] == 3
-    model(batch).sum().backward()
+    model(batch).square().sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
     reference = create_model("vit_tiny_multiscan_h3")
     reference.load_state_dict(model.state_dict())
@@ -238,7 +238,7 @@ def test_hlips_dense_input_is_a_drop_in(name, seed):
         assert torch.equal(tokens, want_tokens) and torch.equal(cls, want_cls)
         if model.config.max_num_scans == 1:
             assert torch.equal(model(dense[:, 0]), model(packed))  # (B, C, D, H, W): one scan a study
-    model(dense).sum().backward()  # gradients reach HLIP's input
+    model(dense).square().sum().backward()  # gradients reach HLIP's input
     assert dense.grad is not None and dense.grad.abs().sum() > 0
     for wrong, problem in [(dense[0, 0], "shape"), (dense.repeat(1, 1, 2, 1, 1, 1), "C = 1 channels")]:
         with pytest.raises(ValueError, match=rf"\(B, N, C, D, H, W\).*{problem}"):
