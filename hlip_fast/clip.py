@@ -3,6 +3,7 @@ the learnable temperature (plus the bias of the sigmoid loss)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -57,11 +58,15 @@ class HLIPModel(nn.Module):
     """``encode_study(batch)`` and ``encode_text(texts or tokens)`` give L2-normalised
     ``(n, embed_dim)`` embeddings; ``forward`` returns both with the exponentiated scale."""
 
-    def __init__(self, config: ClipConfig) -> None:
+    def __init__(self, config: ClipConfig, vision_device: torch.device | str | None = None) -> None:
+        """``vision_device="meta"`` builds the vision side (encoder and projection) without
+        memory, for weights that arrive later (FSDP2's sharded start); the text tower loads
+        as usual."""
         super().__init__()
         self.config = config
-        self.visual = HLIPVisionEncoder(config.vision)
-        self.visual_proj = nn.Linear(config.vision.embed_dim, config.embed_dim, bias=False)
+        with torch.device(vision_device) if vision_device is not None else contextlib.nullcontext():
+            self.visual = HLIPVisionEncoder(config.vision)
+            self.visual_proj = nn.Linear(config.vision.embed_dim, config.embed_dim, bias=False)
         self.text = TextTower(config.text, config.embed_dim)
         siglip = config.loss == "siglip"
         # Shape (1,), not scalars: FSDP2 shards only parameters with at least one dimension.
@@ -101,6 +106,7 @@ def create_clip(
     loss: str = "clip",
     input_mean: float = 0.0,
     input_std: float = 1.0,
+    vision_device: torch.device | str | None = None,
     **vision_overrides,
 ) -> HLIPModel:
     """An :class:`HLIPModel` from a named encoder (see ``list_models``) or a ``VisionConfig``,
@@ -111,4 +117,4 @@ def create_clip(
     elif vision_overrides:
         vision = dataclasses.replace(vision, **vision_overrides)
     text = TextConfig(text) if isinstance(text, str) else text
-    return HLIPModel(ClipConfig(vision, text, embed_dim, loss, input_mean, input_std))
+    return HLIPModel(ClipConfig(vision, text, embed_dim, loss, input_mean, input_std), vision_device)

@@ -3,7 +3,6 @@ name), CLS or mean pooling, and a linear projection into the shared embedding sp
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ class ReportTokenizer:
         return dict(encoded)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a fact of the installed transformers, not traced
 def _takes_prepared_masks() -> bool:
     """Whether transformers builds encoder masks in ``masking_utils``, which returns a 4D mask as
     it is (older versions refuse one)."""

@@ -144,12 +144,15 @@ class TileSchedule:
 
     def on(self, device):
         """``items`` field by field, ``(4, items)`` int32 as the kernels read them, on
-        ``device`` (moved once, then cached)."""
+        ``device`` (moved once, then cached). The field count is marked static, so that a
+        compiled graph never takes it for a size that may change."""
         import torch
 
         key = str(device)
         if key not in self.device_arrays:
-            self.device_arrays[key] = torch.from_numpy(np.ascontiguousarray(self.items.T)).to(device)
+            items = torch.from_numpy(np.ascontiguousarray(self.items.T)).to(device)
+            torch._dynamo.mark_static(items, 0)
+            self.device_arrays[key] = items
         return self.device_arrays[key]
 
 

@@ -92,12 +92,13 @@ def test_sincos_3d_and_resampling():
 
 
 @pytest.mark.parametrize("prob", [0.0, 0.3, 0.75])
-def test_drop_patches_keeps_k_per_slice_in_order(rng, prob):
-    from hlip_fast.layers import drop_patches
+def test_keep_patches_keeps_k_per_slice_in_order(rng, prob):
+    from hlip_fast.layers import keep_patches
 
     layout = random_layout(rng, max_side=5)
     x = torch.arange(layout.num_tokens, dtype=torch.float64)[:, None]
-    kept, dropped = drop_patches(x, layout, prob)
+    rows, dropped = keep_patches(layout, prob)
+    kept = x[rows]
     ids = kept[:, 0].long()
     assert dropped.num_studies == layout.num_studies and dropped.slice_depth == layout.slice_depth
     for scan, ((d, h, w), start) in enumerate(zip(layout.grids.tolist(), layout.scan_offsets[:-1].tolist())):

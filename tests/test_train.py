@@ -327,6 +327,21 @@ def test_an_ordinary_step_makes_no_host_sync(corpus, tmp_path, monkeypatch, accu
     assert quiet == dict.fromkeys(quiet, 0), {k: v for k, v in counts.items() if isinstance(k, tuple)}
 
 
+def test_torchcompile_trains_to_the_weights_of_eager_mode(corpus, tmp_path):
+    """``--torchcompile`` compiles both towers (here with ``aot_eager``: eager's arithmetic, no
+    C++ build), with dropout, stochastic depth and patch dropout drawing inside the graph; the
+    run ends on the eager run's weights, and its state dict keeps the eager names. (sdpa: compiled,
+    ``auto`` would pick the Triton op, which the interpreter runs slowly here.)"""
+    common = ["--steps", "6", "--log-every", "3", "--force-patch-dropout", "0.3", "--drop-path-rate", "0.1"]
+    compiled = ["--torchcompile", "--compile-backend", "aot_eager", "--attn-backend", "sdpa"]
+    for name, extra in (("eager", []), ("compiled", compiled)):
+        assert train_main(run_args(corpus, tmp_path, "--name", name, *common, *extra)) == 0
+    want, got = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     common = [
         "--steps",
@@ -417,18 +432,25 @@ def test_fsdp_resume_after_sigkill_equals_an_uninterrupted_run_and_reshards(corp
 
 def test_two_nodes_on_loopback_train_as_two_ranks_on_one_node(corpus, tmp_path):
     """Two torchrun launches as two "nodes" (c10d rendezvous at 127.0.0.1, one process each,
-    gloo) train to the weights of one launch with two processes."""
+    gloo) train to the weights of one launch with two processes. The rendezvous store is this
+    test's, as on a cluster's head node: when a node's store is the rendezvous, the other node's
+    agent fails if that node finishes first and takes the store with it."""
     common = ["--steps", "3", "--lr", "1e-3", "--warmup", "1", "--max-studies", "3", "--local-loss"]
     one_node = launch_ranks(2, run_args(corpus, tmp_path, "--name", "one_node", *common))
     assert one_node.wait(timeout=600) == 0, one_node.stdout.read()
-    rendezvous = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
-    rendezvous.append(f"--rdzv-id=nodes-{os.getpid()}")
+    port = free_port()
+    store = torch.distributed.TCPStore(
+        "127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False
+    )
+    rendezvous = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    rendezvous += [f"--rdzv-id=nodes-{os.getpid()}", "--rdzv-conf=is_host=false"]
     nodes = [
         launch_ranks(1, run_args(corpus, tmp_path, "--name", "two_nodes", *common), rendezvous)
         for _ in range(2)
     ]
     for node in nodes:
         assert node.wait(timeout=600) == 0, node.stdout.read()
+    del store
     want, got = final_weights(tmp_path / "one_node"), final_weights(tmp_path / "two_nodes")
     for key in want:  # the rendezvous may number the nodes either way: equal up to summation order
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-5, msg=key)
@@ -516,7 +538,9 @@ def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: P
     dist = D.setup("cpu")
     flags = shlex.split(
         f"--name {tag} --model vit_tiny_singlescan_h2 --embed-dim 16 --no-lock-text --lr 1e-3 --warmup 1 "
-        "--steps 3 --local-loss --gather-with-grad --wd 0.1" + (" --fsdp" if "fsdp" in tag else "")
+        "--steps 3 --local-loss --gather-with-grad --wd 0.1"
+        + (" --fsdp" if "fsdp" in tag else "")
+        + (" --meta-init" if "meta" in tag else "")
     )
     cfg = load_config(
         ["--train-data", str(corpus / "train"), "--logs", str(out), "--text-model", text, *flags]
@@ -546,7 +570,8 @@ def test_two_rank_ddp_and_fsdp_equal_one_rank_with_the_same_global_batch(corpus,
     text = str(
         build_tiny_text_model(tmp_path / "bert", ["no mass.", "a small mass in the left lobe."], dropout=0.0)
     )
-    runs = [(1, "one"), (2, "ddp"), (2, "fsdp"), (2, "fsdp_accum")]  # accum: 2 micro-batches a rank
+    # accum: 2 micro-batches a rank; meta: rank 1 shards an empty vision side and receives rank 0's
+    runs = [(1, "one"), (2, "ddp"), (2, "fsdp"), (2, "fsdp_accum"), (2, "fsdp_meta")]
     for world, tag in runs:
         mp.start_processes(
             ddp_worker,

@@ -43,6 +43,7 @@ RUN_ONLY = frozenset(
         "on_error",
         "max_skipped",
         "pretrained",
+        "meta_init",
     }
 )
 """Fields a resumed run may change freely: they do not change the weights it trains."""
@@ -110,7 +111,8 @@ class TrainConfig:
     force_patch_dropout: float = knob(0.0, "drop this share of each slice's patches while training")
     drop_path_rate: float = knob(0.0, "stochastic depth of the vision blocks")
     grad_checkpointing: bool = knob(False, "recompute the vision blocks in the backward pass (less memory)")
-    torchcompile: bool = knob(False, "torch.compile the vision blocks")
+    torchcompile: bool = knob(False, "torch.compile the vision encoder's device work and the text tower")
+    compile_backend: str = knob("inductor", "with torchcompile: its backend (aot_eager: no code generation)")
     attn_backend: str = knob("auto", "attention backend (hlip_fast.list_backends()), or auto")
     input_mean: float = knob(0.0, "input normalisation: (voxel - mean) / std on the stored [0, 1] range")
     input_std: float = knob(1.0, "input normalisation: (voxel - mean) / std on the stored [0, 1] range")
@@ -129,6 +131,9 @@ class TrainConfig:
     local_loss: bool = knob(False, "each rank scores its own studies against all reports (open_clip)")
     gather_with_grad: bool = knob(False, "gather features across ranks with their gradients (open_clip)")
     fsdp: bool = knob(False, "shard the model with FSDP2 instead of DDP")
+    meta_init: bool = knob(
+        False, "with fsdp: only rank 0 builds the vision weights; the others shard empty ones, then receive"
+    )
     # run, checkpoints, logging
     logs: str = knob("logs", "folder of the run folders")
     name: str = knob("", "run folder name under logs (default: hlip-DATE-TIME)")
@@ -232,6 +237,8 @@ class TrainConfig:
             problems.append(f"beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.zeroshot_every and not self.prompts:
             problems.append("zeroshot_every needs prompts")
+        if self.meta_init and not self.fsdp:
+            problems.append("meta_init shards the vision weights before they exist; it needs --fsdp")
         if self.zeroshot_every and self.fsdp:
             problems.append("zero-shot evaluation during training runs on rank 0 only; not with --fsdp")
         problems += self._number_problems()

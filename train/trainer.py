@@ -237,9 +237,11 @@ class Trainer:
             lock=cfg.lock_text,
             unlocked_layers=cfg.lock_text_unlocked_layers,
         )
+        meta = cfg.meta_init and not self.dist.main  # the weights arrive from rank 0 after sharding
         model = create_clip(
             cfg.model,
             text,
+            vision_device="meta" if meta else None,
             embed_dim=cfg.embed_dim,
             loss="siglip" if cfg.siglip else "clip",
             input_mean=cfg.input_mean,
@@ -249,22 +251,27 @@ class Trainer:
             pooling=cfg.vision_pooling,
             **({"max_num_scans": cfg.max_scans} if cfg.max_scans else {}),
         )
-        if cfg.pretrained:
+        if cfg.pretrained and not meta:
             from hlip_fast.pretrained import load_pretrained
 
             model.load_state_dict(load_pretrained(cfg.pretrained).state_dict())
         model.visual.set_grad_checkpointing(cfg.grad_checkpointing)
         model.visual.set_attention_backend(cfg.attn_backend)
         if cfg.torchcompile:
-            for i, block in enumerate(model.visual.blocks):
-                model.visual.blocks[i] = torch.compile(block, dynamic=True)
-        return model.to(self.dist.device)
+            model.visual.compile(backend=cfg.compile_backend, dynamic=True)
+            model.text.compile(backend=cfg.compile_backend, dynamic=True)
+        return model if cfg.meta_init else model.to(self.dist.device)  # meta_init: sharding moves it
 
     def _wrap(self, model: HLIPModel) -> torch.nn.Module:
         """DDP, or FSDP2 sharding every vision block and text layer on its own (then the rest),
-        computing in bf16 and reducing gradients in fp32 under ``--precision bf16``."""
+        computing in bf16 and reducing gradients in fp32 under ``--precision bf16``. With
+        ``--meta-init`` the other ranks' vision side is sharded empty and rank 0's initial
+        weights are then broadcast into every rank's shards."""
         if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            initial = model.state_dict() if self.cfg.meta_init and self.dist.main else {}
 
             bf16 = self.cfg.precision == "bf16"
             policy = (
@@ -273,7 +280,15 @@ class Trainer:
             options = {"mp_policy": policy} if policy else {}
             for layer in [*model.visual.blocks, *model.text.transformer.encoder.layer]:
                 fully_shard(layer, **options)
-            return fully_shard(model, **options)
+            net = fully_shard(model, **options)
+            if self.cfg.meta_init:
+                for module in model.modules():
+                    states = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+                    if any(t.is_meta for t in states):
+                        module.to_empty(device=self.dist.device, recurse=False)
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_model_state_dict(model, initial, options=options)
+            return net
         if self.dist.world_size > 1:
             return DistributedDataParallel(model)
         return model

@@ -8,6 +8,7 @@ from .dispatch import (
     available_backends,
     hier_attention,
     list_backends,
+    plan_attention,
     register_backend,
     select_backend,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "available_backends",
     "hier_attention",
     "list_backends",
+    "plan_attention",
     "register_backend",
     "select_backend",
 ]

@@ -4,7 +4,8 @@ The table (``auto_table.json`` beside this file, committed from a GPU run) lists
 type, dtype, head dim and segment length, the backends from fastest to slowest (forward +
 backward). A call uses the entry nearest to it: same device type and dtype, nearest head dim,
 then nearest segment length (on a log scale, using the level's longest segment). Without a table
-or a matching entry, ``sdpa`` runs: it works everywhere and nothing measured says otherwise.
+or a matching entry, ``sdpa`` runs: it works everywhere and nothing measured says otherwise. A
+compiled model asks for backends that keep one graph for every layout first (``FIXED_GRAPH_ORDER``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from .dispatch import AttentionCall
 
 DEFAULT_ORDER: tuple[str, ...] = ("sdpa",)
+FIXED_GRAPH_ORDER: tuple[str, ...] = ("triton", "flash", "torch_varlen", "xformers", "flex")
+"""For a compiled model, where ``sdpa`` would trace a new graph per set of segment lengths: the
+backends that trace to one graph, tried after the measured ranking's, hlip_fast's kernel first."""
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 
 

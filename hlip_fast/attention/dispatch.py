@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import Layout, check_level
-from .auto import ranked_backends
+from .auto import FIXED_GRAPH_ORDER, ranked_backends
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,17 @@ class Support:
 class Backend:
     """A named implementation of hierarchical attention: ``run(call)`` returns the output,
     shaped like ``call.q``; ``support()`` what it can run (a function: optional imports and the
-    Triton interpreter are looked at on first use)."""
+    Triton interpreter are looked at on first use); ``plan(call)``, when given, builds and caches
+    on the layout what ``run`` derives from it on the host, so that ``run`` then does none;
+    ``fixed_graph``: whether ``run`` traces to the same operations for every layout, so that a
+    compiled model keeps one graph across batches (a backend that loops over groups of segments
+    does not)."""
 
     name: str
     run: Callable[[AttentionCall], torch.Tensor]
     support: Callable[[], Support]
+    plan: Callable[[AttentionCall], object] | None = None
+    fixed_graph: bool = True
 
     def unsupported_reason(self, call: AttentionCall) -> str | None:
         return unsupported_reason(self.support(), call)
@@ -158,6 +164,33 @@ def hier_attention(
     return chosen.run(call)
 
 
+def plan_attention(
+    layout: Layout,
+    level: str,
+    *,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    class_tokens: bool = True,
+    requires_grad: bool = False,
+    backend: str = "auto",
+    fixed_graph: bool = False,
+) -> str:
+    """Choose the backend for such a call and build its plan now, on the host, so that
+    :func:`hier_attention` with the returned name does no host work on these inputs: what lets a
+    compiled model trace it without a graph break. With ``fixed_graph``, ``"auto"`` prefers the
+    backends that trace to one graph for every layout (see :class:`Backend`)."""
+    rows = layout.num_tokens + (layout.num_segments(level) if class_tokens else 0)
+    # A stand-in with the inputs' shape, dtype and device that owns no memory.
+    stand_in = torch.empty((), dtype=dtype, device=layout.device, requires_grad=requires_grad)
+    stand_in = stand_in.expand(rows, heads, head_dim)
+    call = _make_call(stand_in, stand_in, stand_in, layout, level, None)
+    chosen = _choose(call, backend, fixed_graph)
+    if chosen.plan is not None:
+        chosen.plan(call)
+    return chosen.name
+
+
 def select_backend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, level: str, backend: str = "auto"
 ) -> str:
@@ -185,6 +218,11 @@ def _make_call(q, k, v, layout: Layout, level: str, scale: float | None) -> Atte
             f"q has {q.shape[0]} rows; the layout has {tokens} tokens and {segments} {level} "
             f"segments, so expected {tokens} (no class tokens) or {tokens + segments}"
         )
+    # A branch, not bool(): traced with symbolic sizes, only a branch gives a plain bool (and a
+    # guard), which backends can use in their cache keys.
+    class_tokens = False
+    if q.shape[0] != tokens:
+        class_tokens = True
     return AttentionCall(
         q=q,
         k=k,
@@ -192,11 +230,11 @@ def _make_call(q, k, v, layout: Layout, level: str, scale: float | None) -> Atte
         layout=layout,
         level=level,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-        class_tokens=q.shape[0] == tokens + segments,
+        class_tokens=class_tokens,
     )
 
 
-def _choose(call: AttentionCall, backend: str) -> Backend:
+def _choose(call: AttentionCall, backend: str, fixed_graph: bool = False) -> Backend:
     if backend == "auto":
         backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
     if backend != "auto":
@@ -206,7 +244,20 @@ def _choose(call: AttentionCall, backend: str) -> Backend:
         if reason is not None:
             raise RuntimeError(f"attention backend {backend!r} cannot run this call: {reason}")
         return _BACKENDS[backend]
-    for name in ranked_backends(call):
+    # The ranking depends on the call's kind only: cached per layout, every block of a step shares it.
+    q = call.q
+    kind = (call.level, call.class_tokens, q.dtype, q.shape[-1], q.device.type, call.needs_grad, fixed_graph)
+    return _BACKENDS[call.layout.cached(("auto_backend", *kind), lambda: _rank(call, fixed_graph).name)]
+
+
+def _rank(call: AttentionCall, fixed_graph: bool) -> Backend:
+    """The first backend of the measured ranking that supports ``call``; with ``fixed_graph``,
+    those that trace to one graph for every layout come first (unmeasured: in ``FIXED_GRAPH_ORDER``)."""
+    names = ranked_backends(call)
+    if fixed_graph:
+        fixed = [n for n in names + FIXED_GRAPH_ORDER if n in _BACKENDS and _BACKENDS[n].fixed_graph]
+        names = (*fixed, *names)
+    for name in names:
         if name in _BACKENDS and _BACKENDS[name].unsupported_reason(call) is None:
             return _BACKENDS[name]
     reasons = "\n".join(

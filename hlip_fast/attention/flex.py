@@ -59,4 +59,4 @@ _SUPPORT = Support(
     },
     missing=_IMPORT_ERROR,
 )
-backend = Backend(name="flex", run=flex_hier_attention, support=lambda: _SUPPORT)
+backend = Backend(name="flex", run=flex_hier_attention, support=lambda: _SUPPORT, plan=block_mask)

@@ -36,4 +36,5 @@ backend = Backend(
     name="reference",
     run=reference_attention,
     support=lambda: _SUPPORT,
+    fixed_graph=False,  # one loop step per segment
 )

@@ -72,4 +72,6 @@ backend = Backend(
     name="sdpa",
     run=sdpa_attention,
     support=lambda: _SUPPORT,
+    plan=bucket_plan,
+    fixed_graph=False,  # one SDPA call per group of equal-length segments
 )

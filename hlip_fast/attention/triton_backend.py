@@ -118,9 +118,12 @@ def schedule_inputs(layout, level: str, class_tokens: bool, device: torch.device
     return cu, schedule.on(device), class_rows, schedule.block_m, schedule.length_bucket
 
 
+def _call_schedule(call: AttentionCall) -> tuple:
+    return schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device)
+
+
 def triton_attention(call: AttentionCall) -> torch.Tensor:
-    layout_args = schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device)
-    out, _ = hier_attn_fwd(call.q, call.k, call.v, *layout_args, call.scale)
+    out, _ = hier_attn_fwd(call.q, call.k, call.v, *_call_schedule(call), call.scale)
     return out
 
 
@@ -135,4 +138,4 @@ def _support() -> Support:
     return Support({"cuda": DeviceSupport(_DTYPES, head_dims=HEAD_DIMS)}, hint=hint)
 
 
-backend = Backend(name="triton", run=triton_attention, support=_support)
+backend = Backend(name="triton", run=triton_attention, support=_support, plan=_call_schedule)

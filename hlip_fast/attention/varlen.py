@@ -151,14 +151,17 @@ flash_backend = Backend(
     name="flash",
     run=lambda call: run_varlen(call, _flash_attend),
     support=lambda: _cuda_support(_flash_fn()),
+    plan=varlen_plan,
 )
 torch_varlen_backend = Backend(
     name="torch_varlen",
     run=lambda call: run_varlen(call, _torch_varlen_attend),
     support=lambda: _cuda_support(_torch_varlen()),
+    plan=varlen_plan,
 )
 xformers_backend = Backend(
     name="xformers",
     run=lambda call: run_varlen(call, _xformers_attend),
     support=lambda: _cuda_support(_xformers(), _HALF + (torch.float32,)),
+    plan=varlen_plan,
 )

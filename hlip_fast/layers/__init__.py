@@ -2,8 +2,8 @@
 
 from .attention import HierarchicalAttention
 from .block import HierarchicalBlock, SegmentDropPath
-from .class_tokens import switch_level
-from .patch_dropout import drop_patches
+from .class_tokens import plan_switch, switch_level, switch_rows
+from .patch_dropout import keep_patches
 from .patch_embed import PatchEmbed3D
 from .pos_embed import resample_3d, sincos_1d, sincos_3d
 
@@ -12,9 +12,11 @@ __all__ = [
     "HierarchicalBlock",
     "PatchEmbed3D",
     "SegmentDropPath",
-    "drop_patches",
+    "keep_patches",
+    "plan_switch",
     "resample_3d",
     "sincos_1d",
     "sincos_3d",
     "switch_level",
+    "switch_rows",
 ]

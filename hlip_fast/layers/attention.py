@@ -16,7 +16,8 @@ class HierarchicalAttention(nn.Module):
     so its ``state_dict`` loads here unchanged. ``forward(x, layout, level)`` takes packed rows
     ``(num_tokens [+ segments], dim)``: patch tokens, optionally followed by one class-token copy
     per segment of ``level`` (see :func:`hlip_fast.hier_attention`). Attention dropout is not
-    offered; ``backend`` picks the attention implementation (``"auto"`` by default).
+    offered; ``backend`` picks the attention implementation (``"auto"`` by default; a call's
+    ``backend`` argument, a name :func:`hlip_fast.attention.plan_attention` returned, overrides it).
     """
 
     def __init__(
@@ -42,9 +43,11 @@ class HierarchicalAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, layout: Layout, level: str) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layout: Layout, level: str, backend: str | None = None
+    ) -> torch.Tensor:
         rows, dim = x.shape
         q, k, v = self.qkv(x).reshape(rows, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = hier_attention(q, k, v, layout, level, backend=self.backend, scale=self.scale)
+        out = hier_attention(q, k, v, layout, level, backend=backend or self.backend, scale=self.scale)
         return self.proj_drop(self.proj(out.reshape(rows, dim)))

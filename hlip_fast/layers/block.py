@@ -27,8 +27,8 @@ class SegmentDropPath(nn.Module):
         keep_prob = 1.0 - self.drop_prob
         segments = layout.num_segments(level)
         keep = x.new_empty(segments).bernoulli_(keep_prob).div_(keep_prob)
-        class_tokens = x.shape[0] > layout.num_tokens
-        return x * keep[layout.segment_ids(level, class_tokens)].unsqueeze(1)
+        # Rows with class tokens are the patch rows then one per segment: a prefix covers both.
+        return x * keep[layout.segment_ids(level, class_tokens=True)[: x.shape[0]]].unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -60,6 +60,9 @@ class HierarchicalBlock(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = SegmentDropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, layout: Layout, level: str) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout, level)), layout, level)
+    def forward(
+        self, x: torch.Tensor, layout: Layout, level: str, backend: str | None = None
+    ) -> torch.Tensor:
+        """``backend``: the attention backend of this call (default: ``attn.backend``)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout, level, backend)), layout, level)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), layout, level)

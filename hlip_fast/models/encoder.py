@@ -11,14 +11,17 @@ import torch.nn as nn
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
+from ..attention import plan_attention
 from ..layers import (
     HierarchicalBlock,
     PatchEmbed3D,
-    drop_patches,
+    keep_patches,
+    plan_switch,
     resample_3d,
     sincos_1d,
     sincos_3d,
     switch_level,
+    switch_rows,
 )
 from ..layout import LEVELS, Layout
 from ..packing import StudyBatch, pack_studies, to_3tuple
@@ -88,7 +91,8 @@ class HLIPVisionEncoder(nn.Module):
 
     Patch tokens stay packed in one ``(num_tokens, C)`` tensor for the whole forward pass. The
     class-token copies of the current level ride behind them (one row per segment); at a level
-    change only those rows are averaged (to a coarser level) or replicated (to a finer one).
+    change only those rows are averaged (to a coarser level, in place: the patch rows are not
+    copied) or replicated (to a finer one: the rows grow, one copy; see ``switch_rows``).
     """
 
     def __init__(self, config: VisionConfig) -> None:
@@ -120,6 +124,7 @@ class HLIPVisionEncoder(nn.Module):
         )
         self.norm = norm_layer(dim)
         self.grad_checkpointing = False
+        self.compiled_device_work = None
         self.apply(init_weights_vit_timm)
         nn.init.normal_(self.cls_token, std=1e-6)
 
@@ -177,28 +182,80 @@ class HLIPVisionEncoder(nn.Module):
             )
         return pack_studies(list(studies.unbind(0)), self.config.patch_size)
 
+    def compile(self, **options) -> None:
+        """``torch.compile`` the forward's device work in place: patch embedding, every block and
+        level switch, the final norm. The host work (checks, position tables, patch-dropout draws,
+        attention backends and their plans) runs eagerly before it and leaves what the graph reads
+        in the layout's cache, so the graph has no breaks. ``options`` go to ``torch.compile``."""
+        # The unbound function, so that a copy of the model runs its own weights.
+        self.compiled_device_work = torch.compile(type(self)._device_work, **options)
+
     def _features(self, batch: StudyBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Layout]:
         batch = batch if isinstance(batch, StudyBatch) else self.pack(batch)
         self._check_batch(batch)
         batch = batch.normalised()  # a reader's integer patches that were not moved with .to()
-        layout = batch.layout
-        x = self.patch_embed(batch.patches) + self.position_embedding(layout)
+        pos = self.position_embedding(batch.layout)
+        keep, layout = None, batch.layout
         if self.training and self.config.patch_dropout > 0:
-            x, layout = drop_patches(x, layout, self.config.patch_dropout)
+            keep, layout = keep_patches(layout, self.config.patch_dropout)
+        backends = self._plan(layout)
+        device_work = self.compiled_device_work or type(self)._device_work
+        tokens, cls = device_work(self, batch.patches, pos, keep, layout, backends)
+        return tokens, cls, layout
+
+    def _plan(self, layout: Layout) -> tuple[str, ...]:
+        """The forward's host work on ``layout``, cached there: each block's attention backend
+        (returned) and plan, and the index tensors of the level switches and of stochastic depth.
+        Compiled, ``"auto"`` prefers backends that keep one graph for every layout."""
+        device_type = layout.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.cls_token.dtype
+        levels = self.config.levels
+        backends = []
+        for block, level in zip(self.blocks, levels):
+            attn = block.attn
+            name = plan_attention(
+                layout,
+                level,
+                heads=attn.num_heads,
+                head_dim=attn.head_dim,
+                dtype=dtype,
+                requires_grad=torch.is_grad_enabled(),
+                backend=attn.backend,
+                fixed_graph=self.compiled_device_work is not None,
+            )
+            backends.append(name)
+            if self.training and block.drop_path1.drop_prob > 0:
+                layout.segment_ids(level, class_tokens=True)
+        for src, dst in zip(levels, (*levels[1:], "study")):
+            plan_switch(layout, src, dst)
+        return tuple(backends)
+
+    def _device_work(
+        self,
+        patches: torch.Tensor,
+        pos: torch.Tensor,
+        keep: torch.Tensor | None,
+        layout: Layout,
+        backends: tuple[str, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed patch tokens and study class tokens; the part :meth:`compile` compiles."""
+        x = self.patch_embed(patches) + pos
+        if keep is not None:
+            x = x[keep]
         num_tokens = layout.num_tokens
         level = self.config.levels[0]
         cls = self.cls_token[0].expand(layout.num_segments(level), -1)
         rows = torch.cat([x, cls])
-        for block, next_level in zip(self.blocks, self.config.levels):
+        for block, next_level, backend in zip(self.blocks, self.config.levels, backends):
             if next_level != level:
-                x, cls = rows[:num_tokens], switch_level(rows[num_tokens:], layout, level, next_level)
-                rows, level = torch.cat([x, cls]), next_level
+                rows, level = switch_rows(rows, layout, level, next_level), next_level
             if self.grad_checkpointing and torch.is_grad_enabled():
-                rows = checkpoint(block, rows, layout, level, use_reentrant=False)
+                rows = checkpoint(block, rows, layout, level, backend, use_reentrant=False)
             else:
-                rows = block(rows, layout, level)
+                rows = block(rows, layout, level, backend)
         cls = switch_level(rows[num_tokens:], layout, level, "study")
-        return self.norm(rows[:num_tokens]), self.norm(cls), layout
+        return self.norm(rows[:num_tokens]), self.norm(cls)
 
     def pool(self, tokens: torch.Tensor, cls: torch.Tensor, layout: Layout) -> torch.Tensor:
         """One embedding per study: its class token, or the mean of its patch tokens."""
