@@ -11,7 +11,8 @@ Cases: (a) uniform — every study 4 scans of ``--fixed-depth`` slices, identica
 (b) ragged brain-MRI mix — 2–12 scans per study, 15–60 slices per scan, 224×224 in-plane;
 the padded pipeline fills every study to the mix's largest study (12 scans), so it drops none.
 Each case draws ``--studies`` studies (default 11: one of each scan count from 2 to 12) and runs
-them ``--batch`` per step; a repeat runs them all.
+them ``--batch`` per step; a repeat runs them all, the two pipelines taking turns (so a drift in
+this machine's speed slows both alike).
 
     python bench/encoder_cpu.py            # prints a table, writes bench/results/encoder_cpu_<date>.json
 """
@@ -22,7 +23,7 @@ import argparse
 import math
 
 import torch
-from common import measure, median, write_results
+from common import measure_interleaved, median, write_results
 
 from hlip_fast import create_model, pack_studies
 from hlip_fast.padded_hlip import PaddedHLIP
@@ -80,10 +81,14 @@ def padded_step(model, depths, fixed_depth, padded_scans, in_plane, gen):
     return step, tokens
 
 
-def time_per_study(steps, studies: int, repeats: int) -> list[float]:
-    """Seconds per study of running every step once, for each repeat (after one warm-up step)."""
-    steps[0]()
-    return [t / studies for t in measure(lambda: [step() for step in steps], repeats, warmup=0)]
+def time_per_study(pipelines: dict[str, list], studies: int, repeats: int) -> dict[str, list[float]]:
+    """Per pipeline, seconds per study of running every step once, for each repeat (after one
+    warm-up step; the pipelines take turns within each repeat)."""
+    passes = {name: (lambda steps=steps: [step() for step in steps]) for name, steps in pipelines.items()}
+    for steps in pipelines.values():
+        steps[0]()
+    times = measure_interleaved(passes, repeats, warmup=0)
+    return {name: [t / studies for t in ts] for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--studies", type=int, default=11, help="studies drawn per case")
     parser.add_argument("--batch", type=int, default=2, help="studies per forward+backward step")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--embed-dim", type=int, default=96)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--depth", type=int, default=3, help="blocks, scheduled scan, scan, study, ...")
@@ -123,10 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         chunks = [depths[i : i + args.batch] for i in range(0, len(depths), args.batch)]
         packed = [packed_step(model, c, args.in_plane, gen) for c in chunks]
         padded_ = [padded_step(padded, c, args.fixed_depth, scans, args.in_plane, gen) for c in chunks]
-        times = {}
-        for name, steps in (("padded_hlip", padded_), ("hlip_fast", packed)):
-            print(f"[{case}] timing {name}: {len(steps)} steps x {args.repeats} repeats...", flush=True)
-            times[name] = time_per_study([fn for fn, _ in steps], len(depths), args.repeats)
+        print(
+            f"[{case}] timing padded_hlip and hlip_fast in turn: {len(packed)} steps x {args.repeats} repeats"
+        )
+        pipelines = {"padded_hlip": [fn for fn, _ in padded_], "hlip_fast": [fn for fn, _ in packed]}
+        times = time_per_study(pipelines, len(depths), args.repeats)
         rows.append(
             {
                 "case": case,

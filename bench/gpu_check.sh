@@ -44,7 +44,9 @@ timeout 60 python3 data.py --studies 64 --repeats 3 --checksum-repeats 5 2>&1 | 
 timeout 60 python3 data.py --preset ct-rate --repeats 3 --workers 8 2>&1 | tee "$OUT/data_ct_rate.log"
 # 4. Training steps: hlip_fast vs the padded HLIP pipeline, ViT-B, 112x336x336 volumes, bf16.
 timeout 120 python3 train.py --preset ct-rate --repeats 3 2>&1 | tee "$OUT/train.log"
+#    The same compiled (inductor; the warm-up pass compiles): whole encoder and text tower.
+timeout 150 python3 train.py --preset ct-rate --repeats 3 --torchcompile 2>&1 | tee "$OUT/train_compiled.log"
 cd ..
-cp bench/results/attention_gpu_* bench/results/data_gpu_* bench/results/data_ct_rate_gpu_* bench/results/train_cuda_* bench/results/tile_model_* bench/results/layout_gpu_* "$OUT"/ 2>/dev/null
+cp bench/results/attention_gpu_* bench/results/data_gpu_* bench/results/data_ct_rate_gpu_* bench/results/train_cuda_* bench/results/train_compiled_cuda_* bench/results/tile_model_* bench/results/layout_gpu_* "$OUT"/ 2>/dev/null
 cp hlip_fast/attention/auto_table.json "$OUT"/ 2>/dev/null
 ls -l "$OUT"

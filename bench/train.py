@@ -12,8 +12,12 @@ GPU's time on CUDA). Batches are made before timing and one process runs each pi
 there is no data wait or communication here; ``hlip-train`` logs the data-wait share of its
 steps in ``metrics.jsonl``.
 
+With ``--torchcompile`` both pipelines are compiled (hlip_fast: ``model.visual.compile()`` and
+the text tower, dynamic shapes; padded: its ViT and BERT); the warm-up pass compiles.
+
     python bench/train.py                      # CPU: small model, ragged brain-MRI mix
     python bench/train.py --preset ct-rate     # GPU: ViT-B, CT-RATE-shaped volumes, bf16
+    python bench/train.py --preset ct-rate --torchcompile
 """
 
 from __future__ import annotations
@@ -164,6 +168,9 @@ def _pipeline(name: str, args, text_dir: str) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     depths = studies_for(preset, gen)
     packed, padded = make_models(preset, text_dir, device)
+    if args.torchcompile:
+        for module in (packed.visual, packed.text, padded.visual.trunk, padded.text.transformer):
+            module.compile(dynamic=True)
     if name == "hlip_fast":
         del padded
         run = packed_steps(packed, depths, preset, gen, device, dtype)
@@ -218,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torchcompile", action="store_true", help="torch.compile both pipelines")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     args.preset = args.preset or ("ct-rate" if args.device.startswith("cuda") else "brain-mri")
@@ -226,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         build_tiny_text_model(text_dir, [REPORT], **preset["text"])
         results = {name: run_isolated(name, args, text_dir) for name in ("padded_hlip", "hlip_fast")}
     speedup = results["hlip_fast"]["studies_per_s"] / results["padded_hlip"]["studies_per_s"]
-    print(f"{args.preset} on {args.device}: studies/s and peak MB per study (batch {preset['batch']})")
+    compiled = ", compiled" if args.torchcompile else ""
+    print(
+        f"{args.preset} on {args.device}{compiled}: studies/s and peak MB per study (batch {preset['batch']})"
+    )
     print(f"{'pipeline':<12} {'studies/s':>10} {'peak MB/study':>14}")
     for name, r in results.items():
         print(f"{name:<12} {r['studies_per_s']:>10.3f} {r['peak_mb_per_study']:>14.1f}")
@@ -243,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         config = {k: v for k, v in vars(args).items() if k != "no_write"}
         payload = {"config": config, "preset": preset, "results": results, "speedup": speedup}
-        path = write_results(f"train_{torch.device(args.device).type}", payload)
+        kind = "train_compiled" if args.torchcompile else "train"
+        path = write_results(f"{kind}_{torch.device(args.device).type}", payload)
         print(f"wrote {path.relative_to(path.parents[2])}")
 
 
