@@ -9,8 +9,8 @@ per study (GPU: ``max_memory_allocated``; CPU: the peak resident-set growth of a
 process that runs only that pipeline), and where a step's time goes: one more pass under
 ``torch.profiler`` with the forward, backward and optimizer phases marked (CPU time, or the
 GPU's time on CUDA). Batches are made before timing and one process runs each pipeline, so
-there is no data wait or communication here; ``hlip-train`` logs the data-wait share of its
-steps in ``metrics.jsonl``.
+there is no data wait or communication here; ``hlip-train --profile-steps N`` gives the same
+breakdown of a real run with both (``metrics.jsonl``, a console line, a Chrome trace).
 
 With ``--torchcompile`` both pipelines are compiled (hlip_fast: ``model.visual.compile()`` and
 the text tower, dynamic shapes; padded: its ViT and BERT); the warm-up pass compiles.
@@ -31,6 +31,7 @@ import tempfile
 import torch
 from common import measure, median, write_results
 from encoder_cpu import ragged_mix
+from hlip_fast.train.profiling import StepProfiler, phase
 from transformers import BertModel
 
 from hlip_fast import create_clip, pack_studies
@@ -80,32 +81,26 @@ def make_models(preset: dict, text_dir: str, device: torch.device):
     return packed.to(device).train(), padded.to(device).train()
 
 
-PHASES = ("forward", "backward", "optimizer")
+PHASES = ("forward", "backward", "optimizer")  # no data wait or communication here
 
 
 def step(forward, optimizer) -> None:
-    """One training step, its phases marked for the profiler."""
-    with torch.profiler.record_function("forward"):
+    """One training step, its phases marked for the profiler as hlip-train marks them."""
+    with phase("forward"):
         value = forward()
-    with torch.profiler.record_function("backward"):
+    with phase("backward"):
         value.backward()
-    with torch.profiler.record_function("optimizer"):
+    with phase("optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 def phase_seconds(run, device: torch.device) -> dict[str, float]:
     """Seconds of each phase in one pass of ``run`` under the profiler (GPU time on CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    with profile(activities=activities) as prof:
-        run()
-        if cuda:
-            torch.cuda.synchronize(device)
-    totals = {e.key: e for e in prof.key_averages() if e.key in PHASES}
-    return {k: (totals[k].device_time_total if cuda else totals[k].cpu_time_total) / 1e6 for k in PHASES}
+    profiler = StepProfiler(0, 1, device)
+    profiler.begin(0)
+    run()
+    return {name: seconds for name, seconds in profiler.finish().items() if name in PHASES}
 
 
 def packed_steps(model, depths, preset, gen, device, dtype):

@@ -456,6 +456,22 @@ def test_two_nodes_on_loopback_train_as_two_ranks_on_one_node(corpus, tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
+def test_profile_steps_break_a_step_down_by_phase(corpus, tmp_path):
+    """``--profile-steps 2`` under DDP on 2 ranks: the mean seconds of data wait, forward,
+    backward, optimizer and communication (gloo's all-reduces) per step in metrics.jsonl after
+    the profiled steps 2-3, a console line, and a Chrome trace."""
+    args = ["--name", "profiled", "--steps", "4", "--profile-steps", "2", "--max-studies", "3"]
+    process = launch_ranks(2, run_args(corpus, tmp_path, *args))
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    rows = [r for r in metrics(tmp_path / "profiled") if "profile/forward_s" in r]
+    assert [r["step"] for r in rows] == [3], rows
+    phases = ("data_wait", "forward", "backward", "optimizer", "communication")
+    assert all(rows[0][f"profile/{name}_s"] > 0 for name in phases), rows[0]
+    assert "profile, per step over 2" in output
+    assert json.loads((tmp_path / "profiled" / "profile_trace.json").read_text())["traceEvents"]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_and_exits_cleanly(corpus, tmp_path, stop):
     process = launch(run_args(corpus, tmp_path, "--name", "term", "--steps", "1000", "--save-every", "1000"))
@@ -541,16 +557,23 @@ def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: P
         "--steps 3 --local-loss --gather-with-grad --wd 0.1"
         + (" --fsdp" if "fsdp" in tag else "")
         + (" --meta-init" if "meta" in tag else "")
+        + (" --precision bf16" if "bf16" in tag else "")
     )
     cfg = load_config(
         ["--train-data", str(corpus / "train"), "--logs", str(out), "--text-model", text, *flags]
     )
     trainer = Trainer(cfg, dist)
+    seen: dict[str, str] = {}  # the dtype a block's weight has inside the forward
+    qkv = trainer.model.visual.blocks[0].attn.qkv
+    qkv.register_forward_pre_hook(lambda module, args: seen.update(forward=str(module.weight.dtype)))
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(grad=str(qkv.weight.grad.dtype)))
     initial = trainer.model_for_export()  # gathered on rank 0 under FSDP
     if dist.main:
         torch.save(initial.state_dict(), out / f"initial_{tag}.pt")
     for micro in fixed_batches(trainer, world, rank, micro=2 if "accum" in tag else 1):
         trainer.train_step(micro)
+    seen["stored"] = str(qkv.weight.dtype)
+    (out / f"dtypes_{tag}_{rank}.json").write_text(json.dumps(seen))
     trained = trainer.model_for_export()
     if dist.main:
         torch.save(trained.state_dict(), out / f"{tag}.pt")
@@ -587,6 +610,24 @@ def test_two_rank_ddp_and_fsdp_equal_one_rank_with_the_same_global_batch(corpus,
             torch.testing.assert_close(other[key], one[key], rtol=1e-4, atol=2e-5, msg=f"{tag}: {key}")
     for key in ("visual_proj.weight", "text.proj.weight", "visual.blocks.0.attn.qkv.weight", "logit_scale"):
         assert (one[key] - initial[key]).abs().max() > 1e-4, f"{key} did not train"
+
+
+def test_fsdp_under_bf16_computes_in_bf16_and_keeps_fp32_weights_and_gradients(corpus, tmp_path):
+    """FSDP2's mixed-precision policy under ``--precision bf16``: a block's weight is bf16 inside
+    the forward (gathered in bf16), while the stored shards and their reduced gradients are fp32."""
+    text = str(build_tiny_text_model(tmp_path / "bert", ["no mass.", "a small mass in the left lobe."]))
+    tag = "fsdp_bf16"
+    mp.start_processes(
+        ddp_worker, args=(2, free_port(), corpus, text, tmp_path, tag), nprocs=2, start_method="spawn"
+    )
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"dtypes_{tag}_{rank}.json").read_text())
+        assert seen == {"forward": "torch.bfloat16", "stored": "torch.float32", "grad": "torch.float32"}, seen
+    trained, initial = torch.load(tmp_path / f"{tag}.pt"), torch.load(tmp_path / f"initial_{tag}.pt")
+    assert all(torch.isfinite(value).all() for value in trained.values())
+    assert (
+        trained["visual.blocks.0.attn.qkv.weight"] - initial["visual.blocks.0.attn.qkv.weight"]
+    ).abs().max() > 0
 
 
 def test_accumulation_equals_the_whole_batch(corpus, tmp_path):

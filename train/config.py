@@ -43,6 +43,7 @@ RUN_ONLY = frozenset(
         "on_error",
         "max_skipped",
         "pretrained",
+        "profile_steps",
         "meta_init",
     }
 )
@@ -147,6 +148,9 @@ class TrainConfig:
         "signals, damaged studies and non-finite streaks there (the only host sync of ordinary steps)",
     )
     zeroshot_every: int = knob(0, "zero-shot evaluation on val_data every N steps and at the end (0: never)")
+    profile_steps: int = knob(
+        0, "time N steps (from the second) by phase with torch.profiler: a metrics row, a line, a trace"
+    )
     report_to: str = knob("", "also log to TensorBoard", ("", "tensorboard"))
     peak_tflops: float | None = knob(None, "the device's peak TFLOP/s for MFU (none: known GPUs only)")
     max_nonfinite: int = knob(10, "stop after this many non-finite steps in a row (seen at log steps)")
@@ -218,6 +222,7 @@ class TrainConfig:
         )
         problems += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
         non_negative = (
+            "profile_steps",
             "wd",
             "warmup",
             "workers",

@@ -51,6 +51,7 @@ from .flops import peak_tflops, train_step_flops
 from .health import NonfiniteSteps
 from .log import MetricsLog
 from .optim import cosine_schedule, param_groups
+from .profiling import StepProfiler, phase
 from .training_state import Checkpoints, rng_state, set_rng_state
 
 log = logging.getLogger("hlip_fast.train")
@@ -264,7 +265,8 @@ class Trainer:
 
     def _wrap(self, model: HLIPModel) -> torch.nn.Module:
         """DDP, or FSDP2 sharding every vision block and text layer on its own (then the rest),
-        computing in bf16 and reducing gradients in fp32 under ``--precision bf16``. With
+        computing in bf16 and reducing gradients in fp32 when autocast is bf16 (``--precision bf16``,
+        or ``auto`` on a GPU). With
         ``--meta-init`` the other ranks' vision side is sharded empty and rank 0's initial
         weights are then broadcast into every rank's shards."""
         if self.cfg.fsdp:
@@ -273,7 +275,7 @@ class Trainer:
 
             initial = model.state_dict() if self.cfg.meta_init and self.dist.main else {}
 
-            bf16 = self.cfg.precision == "bf16"
+            bf16 = autocast_dtype(self.cfg.precision, self.dist.device.type) == torch.bfloat16
             policy = (
                 MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
             )
@@ -515,13 +517,18 @@ class Trainer:
         self.net.train()
         inputs = [(b.studies.to(self.dist.device, non_blocking=True), self._tokens(b)) for b in micro]
         if len(micro) == 1:
-            with self._autocast():
+            with phase("forward"), self._autocast():
                 out = self.net(*inputs[0])
                 loss = self._loss(out["study_features"], out["text_features"], out)
-            self.scaler.scale(loss).backward()
+            with phase("backward"):
+                self.scaler.scale(loss).backward()
         else:
             loss = self._accumulated(inputs)
-        loss = loss.detach().float()
+        with phase("optimizer"):
+            return self._update(loss.detach().float(), inputs)
+
+    def _update(self, loss: torch.Tensor, inputs: list) -> dict:
+        """The update of :meth:`train_step`, skipped on the device when not finite."""
         bad = D.any_rank((~torch.isfinite(loss)).to(torch.float32))
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -557,7 +564,7 @@ class Trainer:
                 set_rng_state(states[0])
                 raise _Interrupted
 
-        with torch.no_grad(), self._autocast():
+        with phase("forward"), torch.no_grad(), self._autocast():
             for j, (batch, tokens) in enumerate(inputs):
                 states.append(rng_state())
                 if j:
@@ -569,14 +576,15 @@ class Trainer:
             check_stop()
             set_rng_state(states[j])
             with self._gradient_sync(j == len(inputs) - 1):
-                with self._autocast():
+                with phase("forward"), self._autocast():
                     out = self.net(batch, tokens)
                     study = torch.cat(
                         [out["study_features"] if i == j else c[0] for i, c in enumerate(cached)]
                     )
                     text = torch.cat([out["text_features"] if i == j else c[1] for i, c in enumerate(cached)])
                     loss = self._loss(study, text, out)
-                self.scaler.scale(loss).backward()
+                with phase("backward"):
+                    self.scaler.scale(loss).backward()
         set_rng_state(after)
         return loss
 
@@ -605,11 +613,14 @@ class Trainer:
         )
         self.console.say(f"waiting for the first batch ({_reader_description(cfg)})")
         data, window, last = self.batches(), _Window(), {}
+        profiler = self._profiler()
         try:
             while self.step < self.total_steps:
                 position, started = (self.epoch, self.batch_in_epoch), time.perf_counter()
+                profiler.begin(self.step)
                 try:
-                    micro = self._next_micro_batches(data)
+                    with phase("data_wait"):
+                        micro = self._next_micro_batches(data)
                     waited = time.perf_counter() - started
                     window.add(self.train_step(micro), started, waited)
                 except _Interrupted:
@@ -628,6 +639,10 @@ class Trainer:
                     metrics.write(self.step, self.evaluator.run(self.step, self.run_dir, self.dist))
                 if self.step % cfg.save_every == 0 or stop:
                     self.save()
+                if profiler.done(self.step):
+                    paused = time.perf_counter()
+                    self._report_profile(metrics, profiler.finish())
+                    window.start += time.perf_counter() - paused  # not step time
                 if stop:
                     return self._stopped(last)
             return self._finish(metrics, last)
@@ -636,6 +651,23 @@ class Trainer:
             metrics.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _profiler(self) -> StepProfiler:
+        """``--profile-steps`` steps from the second of this run (the first compiles and warms up)."""
+        first = self.step + 1
+        trace = self.run_dir / "profile_trace.json" if self.dist.main else None
+        return StepProfiler(first, self.cfg.profile_steps, self.dist.device, trace)
+
+    def _report_profile(self, metrics: MetricsLog, seconds: dict[str, float]) -> None:
+        """The profiled steps' mean seconds per phase: a metrics row and one console line."""
+        steps = self.cfg.profile_steps
+        metrics.write(self.step, {f"profile/{name}_s": value for name, value in seconds.items()})
+        parts = ", ".join(f"{name.replace('_', ' ')} {value * 1e3:.1f} ms" for name, value in seconds.items())
+        clock = "GPU" if self.dist.device.type == "cuda" else "CPU"
+        self.console.say(
+            f"profile, per step over {steps} ({clock} time; communication overlaps the backward): {parts}; "
+            f"trace: {self.run_dir / 'profile_trace.json'}"
+        )
 
     def _finish(self, metrics: MetricsLog, last: dict) -> dict:
         """After the last step (a log step): refuse to export weights that end a non-finite
