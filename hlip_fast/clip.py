@@ -111,7 +111,8 @@ def create_clip(
 ) -> HLIPModel:
     """An :class:`HLIPModel` from a named encoder (see ``list_models``) or a ``VisionConfig``,
     and a local text model folder or a ``TextConfig``; e.g. ``create_clip(
-    "vit_base_multiscan_h2_token1176", "/models/BiomedBERT", drop_path_rate=0.2)``."""
+    "vit_base_multiscan_h2_token1176", "/models/BiomedBERT", drop_path_rate=0.2)``.
+    ``vision_device="meta"`` builds the vision side without memory (see :class:`HLIPModel`)."""
     if isinstance(vision, str):
         vision = get_config(vision, **vision_overrides)
     elif vision_overrides:

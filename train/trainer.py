@@ -28,7 +28,12 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from hlip_fast.cli_options import autocast_dtype
@@ -266,15 +271,11 @@ class Trainer:
     def _wrap(self, model: HLIPModel) -> torch.nn.Module:
         """DDP, or FSDP2 sharding every vision block and text layer on its own (then the rest),
         computing in bf16 and reducing gradients in fp32 when autocast is bf16 (``--precision bf16``,
-        or ``auto`` on a GPU). With
-        ``--meta-init`` the other ranks' vision side is sharded empty and rank 0's initial
-        weights are then broadcast into every rank's shards."""
+        or ``auto`` on a GPU)."""
         if self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             initial = model.state_dict() if self.cfg.meta_init and self.dist.main else {}
-
             bf16 = autocast_dtype(self.cfg.precision, self.dist.device.type) == torch.bfloat16
             policy = (
                 MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
@@ -284,16 +285,21 @@ class Trainer:
                 fully_shard(layer, **options)
             net = fully_shard(model, **options)
             if self.cfg.meta_init:
-                for module in model.modules():
-                    states = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-                    if any(t.is_meta for t in states):
-                        module.to_empty(device=self.dist.device, recurse=False)
-                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-                set_model_state_dict(model, initial, options=options)
+                self._receive_initial_weights(model, initial)
             return net
         if self.dist.world_size > 1:
             return DistributedDataParallel(model)
         return model
+
+    def _receive_initial_weights(self, model: HLIPModel, initial: dict) -> None:
+        """``--meta-init``, after sharding: give the shards built on the meta device storage (module
+        by module, so that loaded modules keep their non-persistent buffers), then broadcast rank
+        0's initial weights (``initial``, empty on the other ranks) into every rank's shards."""
+        for module in model.modules():
+            if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+                module.to_empty(device=self.dist.device, recurse=False)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, initial, options=options)
 
     def _gradient_sync(self, enabled: bool):
         """Whether this backward reduces gradients across ranks: accumulation reduces only on
