@@ -332,7 +332,7 @@ def test_torchcompile_trains_to_the_weights_of_eager_mode(corpus, tmp_path):
     C++ build), with dropout, stochastic depth and patch dropout drawing inside the graph; the
     run ends on the eager run's weights, and its state dict keeps the eager names. (sdpa: compiled,
     ``auto`` would pick the Triton op, which the interpreter runs slowly here.)"""
-    common = ["--steps", "6", "--log-every", "3", "--force-patch-dropout", "0.3", "--drop-path-rate", "0.1"]
+    common = ["--steps", "4", "--log-every", "2", "--force-patch-dropout", "0.3", "--drop-path-rate", "0.1"]
     compiled = ["--torchcompile", "--compile-backend", "aot_eager", "--attn-backend", "sdpa"]
     for name, extra in (("eager", []), ("compiled", compiled)):
         assert train_main(run_args(corpus, tmp_path, "--name", name, *common, *extra)) == 0

@@ -44,7 +44,9 @@ def block_mask(call: AttentionCall):
 def flex_hier_attention(call: AttentionCall) -> torch.Tensor:
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (call.q, call.k, call.v))
     if q.is_cuda:
-        out = _compiled_flex()(q, k, v, block_mask=block_mask(call), scale=call.scale)
+        # Inside a compiled model the enclosing graph compiles it; else its own compiled kernel.
+        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+        out = attend(q, k, v, block_mask=block_mask(call), scale=call.scale)
     else:
         with warnings.catch_warnings():  # the CPU path is knowingly the unfused one
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
