@@ -7,8 +7,8 @@ import torch
 from helpers import random_layout
 from timm.layers import Attention
 
-from hlip_fast import HierarchicalAttention, Layout
-from hlip_fast.layers import SegmentDropPath, resample_3d, sincos_3d, switch_level
+from hlip_fast import LEVELS, HierarchicalAttention, Layout
+from hlip_fast.layers import SegmentDropPath, resample_3d, sincos_3d, switch_level, switch_rows
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -110,3 +110,24 @@ def test_keep_patches_keeps_k_per_slice_in_order(rng, prob):
         assert (rows == torch.arange(d)[:, None]).all(), "a kept token left its slice"
     if prob == 0.0:
         assert torch.equal(kept, x)
+
+
+def test_switch_rows_equals_switching_the_class_rows_and_concatenating(rng):
+    """Coarser: the result is a view of the rows it was given (the patch rows are not copied);
+    finer: a new tensor. Values and gradients equal ``switch_level`` plus ``torch.cat``."""
+    layout = random_layout(rng, max_studies=3, max_scans=3)
+    n = layout.num_tokens
+    pairs = [("slice", "scan"), ("scan", "study"), ("slice", "study"), ("study", "slice"), ("scan", "slice")]
+    for src, dst in pairs:
+        rows = torch.randn(n + layout.num_segments(src), 4, dtype=torch.float64, requires_grad=True)
+        weights = torch.randn(n + layout.num_segments(dst), 4, dtype=torch.float64)
+        expected = torch.cat([rows[:n], switch_level(rows[n:], layout, src, dst)])
+        (expected * weights).sum().backward()
+        want_grad, rows.grad = rows.grad, None
+        block_output = rows * 1.0  # switch_rows writes in place into a block's output
+        got = switch_rows(block_output, layout, src, dst)
+        torch.testing.assert_close(got, expected)
+        (got * weights).sum().backward()
+        torch.testing.assert_close(rows.grad, want_grad)
+        coarser = LEVELS.index(src) < LEVELS.index(dst)
+        assert (got.data_ptr() == block_output.data_ptr()) == coarser, (src, dst)

@@ -70,6 +70,12 @@ def test_config_errors_before_any_work(corpus, tmp_path, capsys):
         "nope",
         "--text-model",
         "/none",
+        "--meta-init",
+        "--torchcompile",
+        "--compile-backend",
+        "nonsense",
+        "--profile-steps",
+        "-1",
     ]
     assert train_main(["--train-data", str(tmp_path), "--logs", str(logs), *bad]) == 2
     err = capsys.readouterr().err
@@ -81,6 +87,9 @@ def test_config_errors_before_any_work(corpus, tmp_path, capsys):
         "prompts need val_data",
         "no prompt file 'nope'",
         "text_model '/none'",
+        "meta_init shards the vision weights before they exist; it needs --fsdp",
+        "compile_backend 'nonsense' is not a torch.compile backend",
+        "profile_steps must be >= 0",
     ]:
         assert fragment in err
     assert not logs.exists()

@@ -244,6 +244,14 @@ class TrainConfig:
             problems.append("zeroshot_every needs prompts")
         if self.meta_init and not self.fsdp:
             problems.append("meta_init shards the vision weights before they exist; it needs --fsdp")
+        if self.torchcompile:
+            from torch._dynamo import list_backends
+
+            if self.compile_backend not in list_backends(exclude_tags=()):
+                problems.append(
+                    f"compile_backend {self.compile_backend!r} is not a torch.compile backend; this torch "
+                    f"has {', '.join(list_backends())} and debug ones such as aot_eager"
+                )
         if self.zeroshot_every and self.fsdp:
             problems.append("zero-shot evaluation during training runs on rank 0 only; not with --fsdp")
         problems += self._number_problems()

@@ -60,6 +60,7 @@ from .profiling import StepProfiler, phase
 from .training_state import Checkpoints, rng_state, set_rng_state
 
 log = logging.getLogger("hlip_fast.train")
+PROFILE_TRACE = "profile_trace.json"
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -647,7 +648,7 @@ class Trainer:
                     self.save()
                 if profiler.done(self.step):
                     paused = time.perf_counter()
-                    self._report_profile(metrics, profiler.finish())
+                    self._report_profile(metrics, profiler.steps, profiler.finish())
                     window.start += time.perf_counter() - paused  # not step time
                 if stop:
                     return self._stopped(last)
@@ -659,20 +660,28 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _profiler(self) -> StepProfiler:
-        """``--profile-steps`` steps from the second of this run (the first compiles and warms up)."""
+        """``--profile-steps`` steps from the second of this run (the first compiles and warms up),
+        as many as the run has."""
         first = self.step + 1
-        trace = self.run_dir / "profile_trace.json" if self.dist.main else None
-        return StepProfiler(first, self.cfg.profile_steps, self.dist.device, trace)
+        steps = max(0, min(self.cfg.profile_steps, self.total_steps - first))
+        if steps < self.cfg.profile_steps:
+            log.warning(
+                "--profile-steps %d: this run has %d step(s) after its first, so %d are profiled",
+                self.cfg.profile_steps,
+                max(0, self.total_steps - first),
+                steps,
+            )
+        trace = self.run_dir / PROFILE_TRACE if self.dist.main else None
+        return StepProfiler(first, steps, self.dist.device, trace)
 
-    def _report_profile(self, metrics: MetricsLog, seconds: dict[str, float]) -> None:
-        """The profiled steps' mean seconds per phase: a metrics row and one console line."""
-        steps = self.cfg.profile_steps
+    def _report_profile(self, metrics: MetricsLog, steps: int, seconds: dict[str, float]) -> None:
+        """The ``steps`` profiled steps' mean seconds per phase: a metrics row and one console line."""
         metrics.write(self.step, {f"profile/{name}_s": value for name, value in seconds.items()})
         parts = ", ".join(f"{name.replace('_', ' ')} {value * 1e3:.1f} ms" for name, value in seconds.items())
         clock = "GPU" if self.dist.device.type == "cuda" else "CPU"
         self.console.say(
             f"profile, per step over {steps} ({clock} time; communication overlaps the backward): {parts}; "
-            f"trace: {self.run_dir / 'profile_trace.json'}"
+            f"trace: {self.run_dir / PROFILE_TRACE}"
         )
 
     def _finish(self, metrics: MetricsLog, last: dict) -> dict:
