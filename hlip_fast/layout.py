@@ -197,20 +197,54 @@ class Layout:
             self.cache[key] = build()
         return self.cache[key]
 
-    def segment_ids(self, level: str, class_tokens: bool = False) -> torch.Tensor:
+    def class_rows_level(self, level: str, rows: int) -> str | None:
+        """The level whose segments number the class-token copies of a ``level`` tensor with
+        ``rows`` rows (``None``: it has none), or a ``ValueError``.
+
+        Such a tensor holds the patch tokens, then optionally class-token copies: one per segment
+        of ``level``, or one per segment of a finer level. In the latter case the rows past
+        ``level``'s copies are *spare*: each is a segment of its own, one row long, so that a
+        model can keep the copies of its finest level in place while it attends coarser (a level
+        switch then never moves the patch rows).
+        """
+        tokens = self.num_tokens
+        # Branches only: traced with symbolic sizes, they give a plain answer (and guards) that
+        # backends can use in their cache keys.
+        if rows == tokens:
+            return None
+        finer = LEVELS[: LEVELS.index(check_level(level)) + 1]
+        for copies_of in reversed(finer):
+            if rows == tokens + self.num_segments(copies_of):
+                return copies_of
+        counts = ", ".join(f"{tokens + self.num_segments(lv)} ({lv})" for lv in finer)
+        raise ValueError(
+            f"a {level} tensor has {rows} rows; the layout has {tokens} tokens, so expected {tokens} "
+            f"(no class tokens) or the tokens plus one class-token copy per segment of {level} or a "
+            f"finer level: {counts}"
+        )
+
+    def segment_ids(self, level: str, class_tokens: bool | str = False) -> torch.Tensor:
         """Segment id (int32) of every row of a level's packed tensor, made on the layout's
         device from ``cu_seqlens`` (no host work per token) and cached.
 
-        Rows are the patch tokens, then, with ``class_tokens``, one class-token copy per segment.
+        Rows are the patch tokens, then, with ``class_tokens``, one class-token copy per segment;
+        when ``class_tokens`` names a finer level, as many copies as it has segments: those past
+        ``level``'s are spare rows, each a segment of its own (see :meth:`class_rows_level`).
         """
+        copies_of = level if class_tokens is True else class_tokens or None
 
         def build() -> torch.Tensor:
+            if copies_of and LEVELS.index(check_level(copies_of)) > LEVELS.index(level):
+                raise ValueError(f"class-token copies of {copies_of} are coarser than the level {level}")
             lv = self.level(level)
-            segments = torch.arange(lv.num_segments, dtype=torch.int32, device=self.device)
-            ids = torch.repeat_interleave(segments, lv.cu_seqlens.diff(), output_size=self.num_tokens)
-            return torch.cat([ids, segments]) if class_tokens else ids
+            count = self.num_segments(copies_of or level)  # segments, then spare rows
+            segments = torch.arange(count, dtype=torch.int32, device=self.device)
+            ids = torch.repeat_interleave(
+                segments[: lv.num_segments], lv.cu_seqlens.diff(), output_size=self.num_tokens
+            )
+            return torch.cat([ids, segments]) if copies_of else ids
 
-        return self.cached(("segment_ids", level, class_tokens), build)
+        return self.cached(("segment_ids", level, copies_of), build)
 
     def parent_ids(self, fine: str, coarse: str) -> torch.Tensor:
         """For each segment of level ``fine``, the index (int64) of the ``coarse`` segment that

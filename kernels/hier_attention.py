@@ -3,6 +3,7 @@
 Rows of ``q``, ``k``, ``v`` (``(rows, heads, head_dim)``, any strides) are the ``N`` patch rows
 of a level's layout followed by ``S`` class-token rows, one per segment; ``cu`` (int32, ``S + 1``)
 gives the patch-row boundaries. Two rows attend to each other exactly when their segments match.
+Spare rows may follow (see ``Layout.class_rows``); the host wrappers handle them, not the kernels.
 
 The work follows a tile schedule (``tile_schedule.py``): each program owns one work item of one
 head, at most ``BLOCK_M`` rows of the consecutive segments ``lo..hi-1`` (the same window of each,
@@ -230,16 +231,21 @@ def _precision(dtype) -> str:
 
 
 def hier_attn_forward(
-    q, k, v, cu, items, num_class_rows: int, block_m: int, length_bucket: int, scale: float
+    q, k, v, cu, items, num_class_rows: int, num_spare_rows: int, block_m: int, length_bucket: int,
+    scale: float,
 ):
     """``(out, lse)``: attention output like ``q`` (contiguous) and base-2 LSE ``(heads, rows)``;
-    ``items``, ``block_m`` and ``length_bucket`` come from a ``TileSchedule`` (items on the device)."""
+    ``items``, ``block_m`` and ``length_bucket`` come from a ``TileSchedule`` (items on the device).
+    The last ``num_spare_rows`` rows each attend to themselves only (their output is their value)."""
     import torch
 
     rows, heads, dim = q.shape
-    n = rows - num_class_rows
+    active = rows - num_spare_rows
+    n = active - num_class_rows
     out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
+    out[active:] = v[active:]
+    lse[:, active:] = (q[active:].float() * k[active:].float()).sum(-1).t() * (scale * LOG2E)
     grid = (items.numel() // 4, heads)
     _kernel("fwd", hier_attn_fwd_kernel)[grid](
         q, k, v, out, lse, cu, items, n, num_class_rows, dim,
@@ -252,17 +258,19 @@ def hier_attn_forward(
 
 def hier_attn_backward(
     grad_out, q, k, v, out, lse, cu, items,
-    num_class_rows: int, block_m: int, length_bucket: int, scale: float,
+    num_class_rows: int, num_spare_rows: int, block_m: int, length_bucket: int, scale: float,
 ):
     """``(dq, dk, dv)`` for :func:`hier_attn_forward`'s output gradient ``grad_out``."""
     import torch
 
     rows, heads, dim = q.shape
-    n = rows - num_class_rows
+    active = rows - num_spare_rows
+    n = active - num_class_rows
     delta = (out.float() * grad_out.float()).sum(-1).t().contiguous()  # (heads, rows)
     dq = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
+    dq[active:], dk[active:], dv[active:] = 0, 0, grad_out[active:]  # out = v on spare rows
     grid = (items.numel() // 4, heads)
     common = dict(BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m))
     inputs = (q, k, v, grad_out, lse, delta)

@@ -33,12 +33,14 @@ def random_layout(
 def random_rows(
     layout: Layout,
     level: str,
-    class_tokens: bool,
+    class_tokens: bool | str,
     heads: int = 2,
     dim: int = 16,
     dtype: torch.dtype = torch.float64,
     requires_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random q, k, v with a row per token (plus one per segment with class tokens)."""
-    rows = layout.num_tokens + (layout.num_segments(level) if class_tokens else 0)
+    """Random q, k, v with a row per token, plus with ``class_tokens`` one per segment of
+    ``level`` (or, when it names a finer level, of that level: spare rows follow ``level``'s)."""
+    copies_of = class_tokens if isinstance(class_tokens, str) else level
+    rows = layout.num_tokens + (layout.num_segments(copies_of) if class_tokens else 0)
     return tuple(torch.randn(rows, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))

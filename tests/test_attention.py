@@ -63,7 +63,7 @@ def check_against_reference(backend, layout, level, class_tokens, dtype, device=
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("class_tokens", [False, True])
+@pytest.mark.parametrize("class_tokens", [False, True, "slice"])  # "slice": spare rows at coarser levels
 def test_backend_matches_reference_fp32(backend, level, class_tokens, rng):
     for _ in range(3):
         layout = random_layout(rng)
@@ -113,12 +113,35 @@ def test_single_segment_equals_dense_attention(seed):
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_gradcheck(backend, seed):
+@pytest.mark.parametrize("class_tokens", [True, "slice"])
+def test_gradcheck(backend, class_tokens, seed):
     layout = Layout.build([(2, 1, 2), (1, 1, 3), (1, 2, 1)], [2, 1])
     for level in LEVELS:
-        q, k, v = random_rows(layout, level, class_tokens=True, heads=1, dim=3, requires_grad=True)
+        q, k, v = random_rows(layout, level, class_tokens, heads=1, dim=3, requires_grad=True)
         fn = lambda q, k, v: hier_attention(q, k, v, layout, level, backend=backend)  # noqa: B023
         assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_spare_rows_attend_to_themselves_and_change_nothing_else(rng):
+    """With the class rows of a finer level, the rows before the spare ones are the call
+    without them, bit for bit; each spare row's output is its value row."""
+    layout = random_layout(rng, max_studies=3)
+    for level in ("scan", "study"):
+        q, k, v = random_rows(layout, level, "slice")
+        rows = layout.num_tokens + layout.num_segments(level)
+        assert q.shape[0] > rows, "the layout has no spare rows to test"
+        for backend in ("reference", "sdpa"):
+            out = hier_attention(q, k, v, layout, level, backend=backend)
+            alone = hier_attention(q[:rows], k[:rows], v[:rows], layout, level, backend=backend)
+            torch.testing.assert_close(out[:rows], alone, rtol=0, atol=0)
+            torch.testing.assert_close(out[rows:], v[rows:], rtol=0, atol=0)
+
+
+def test_class_rows_of_a_coarser_level_are_refused(rng):
+    layout = Layout.build([(2, 1, 2), (1, 1, 3)], [2])
+    q, k, v = random_rows(layout, "slice", "scan")
+    with pytest.raises(ValueError, match=r"slice or a finer level: 10 \(slice\)"):
+        hier_attention(q, k, v, layout, "slice")
 
 
 def test_non_contiguous_inputs(rng):
@@ -225,7 +248,7 @@ def test_backend_matches_reference_cuda(backend, dtype, level, rng):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("class_tokens", [False, True])
+@pytest.mark.parametrize("class_tokens", [False, True, "slice"])
 def test_varlen_plan_makes_segments_contiguous(level, class_tokens, rng):
     """The gather plan of the flash/torch_varlen/xformers backends, checked on the CPU with a
     plain per-segment attention standing in for their CUDA kernels."""

@@ -7,7 +7,7 @@ import torch
 from helpers import random_layout
 from timm.layers import Attention
 
-from hlip_fast import LEVELS, HierarchicalAttention, Layout
+from hlip_fast import HierarchicalAttention, Layout
 from hlip_fast.layers import SegmentDropPath, resample_3d, sincos_3d, switch_level, switch_rows
 
 
@@ -67,11 +67,12 @@ def test_switch_level_gradcheck():
 def test_segment_drop_path_drops_whole_segments(rng):
     layout = random_layout(rng, max_studies=4, max_scans=3)
     drop = SegmentDropPath(0.5).train()
+    rows = layout.num_tokens + layout.num_segments("slice")  # spare rows at coarser levels
     for level in ("slice", "scan", "study"):
-        rows = layout.num_tokens + layout.num_segments(level)
         out = drop(torch.ones(rows, 3), layout, level)
-        ids = layout.segment_ids(level, class_tokens=True)
-        for s in range(layout.num_segments(level)):
+        ids = layout.segment_ids(level, class_tokens="slice")
+        assert ids.numel() == rows
+        for s in range(layout.num_segments("slice")):
             values = out[ids == s].unique()
             assert values.numel() == 1 and values.item() in (0.0, 2.0)
     x = torch.randn(layout.num_tokens, 3)
@@ -112,22 +113,29 @@ def test_keep_patches_keeps_k_per_slice_in_order(rng, prob):
         assert torch.equal(kept, x)
 
 
-def test_switch_rows_equals_switching_the_class_rows_and_concatenating(rng):
-    """Coarser: the result is a view of the rows it was given (the patch rows are not copied);
-    finer: a new tensor. Values and gradients equal ``switch_level`` plus ``torch.cat``."""
+def test_switch_rows_rewrites_only_the_class_rows_in_place(rng):
+    """Rows with room for the slice level's copies: a switch either way returns the tensor it was
+    given, with the patch rows untouched and the copies equal to ``switch_level``'s; gradients
+    equal those of switching the copies and concatenating."""
     layout = random_layout(rng, max_studies=3, max_scans=3)
-    n = layout.num_tokens
+    n, capacity = layout.num_tokens, layout.num_segments("slice")
     pairs = [("slice", "scan"), ("scan", "study"), ("slice", "study"), ("study", "slice"), ("scan", "slice")]
     for src, dst in pairs:
-        rows = torch.randn(n + layout.num_segments(src), 4, dtype=torch.float64, requires_grad=True)
-        weights = torch.randn(n + layout.num_segments(dst), 4, dtype=torch.float64)
-        expected = torch.cat([rows[:n], switch_level(rows[n:], layout, src, dst)])
+        rows = torch.randn(n + capacity, 4, dtype=torch.float64, requires_grad=True)
+        copies = n + layout.num_segments(dst)
+        weights = torch.randn(copies, 4, dtype=torch.float64)
+        src_copies = rows[n : n + layout.num_segments(src)]
+        expected = torch.cat([rows[:n], switch_level(src_copies, layout, src, dst)])
         (expected * weights).sum().backward()
         want_grad, rows.grad = rows.grad, None
         block_output = rows * 1.0  # switch_rows writes in place into a block's output
+        patch_rows = block_output[:n].clone()
         got = switch_rows(block_output, layout, src, dst)
-        torch.testing.assert_close(got, expected)
-        (got * weights).sum().backward()
+        assert got is block_output, (src, dst)
+        assert torch.equal(got[:n], patch_rows)
+        torch.testing.assert_close(got[:copies], expected)
+        (got[:copies] * weights).sum().backward()
         torch.testing.assert_close(rows.grad, want_grad)
-        coarser = LEVELS.index(src) < LEVELS.index(dst)
-        assert (got.data_ptr() == block_output.data_ptr()) == coarser, (src, dst)
+    two_slices = Layout.build([(2, 1, 1)], [1])
+    with pytest.raises(ValueError, match="rows hold 1 class-token copies; slice needs 2"):
+        switch_rows(torch.zeros(3, 4), two_slices, "study", "slice")

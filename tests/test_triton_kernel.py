@@ -30,22 +30,26 @@ def test_runs_under_the_expected_triton():
     assert triton.__version__.startswith(expected), (triton.__version__, expected)
 
 
-def op_inputs(layout: Layout, level: str, class_tokens: bool, dim: int = 16, dtype=torch.float32) -> tuple:
-    """The custom op's arguments: q, k, v, the layout's (cu, items, class rows, item height, length
-    bucket) and the scale."""
+def op_inputs(layout: Layout, level: str, class_tokens: bool | str, dim=16, dtype=torch.float32) -> tuple:
+    """The custom op's arguments: q, k, v, the layout's (cu, items, class rows, spare rows, item
+    height, length bucket) and the scale; ``class_tokens`` as ``random_rows`` takes it."""
     q, k, v = (
         t.to(DEVICE, dtype).requires_grad_() for t in random_rows(layout, level, class_tokens, dim=dim)
     )
+    copies_of = layout.class_rows_level(level, q.shape[0])
+    spare = layout.num_segments(copies_of) - layout.num_segments(level) if copies_of else 0
     layout = layout.to(DEVICE)
-    return (q, k, v, *triton_backend.schedule_inputs(layout, level, class_tokens, q.device), dim**-0.5)
+    schedule = triton_backend.schedule_inputs(layout, level, bool(class_tokens), q.device, spare)
+    return (q, k, v, *schedule, dim**-0.5)
 
 
-def test_custom_op_passes_opcheck(rng):
+@pytest.mark.parametrize("class_tokens", [True, "slice"])
+def test_custom_op_passes_opcheck(class_tokens, rng):
     """Fake (meta) implementation, schema and autograd registration agree with the kernel."""
     layout = Layout.build([(1, 2, 3), (2, 1, 5)], [1, 1])
     torch.library.opcheck(
         triton_backend.hier_attn_fwd,
-        op_inputs(layout, "scan", True),
+        op_inputs(layout, "scan", class_tokens),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 

@@ -34,7 +34,25 @@ class AttentionCall:
     layout: Layout
     level: str
     scale: float
-    class_tokens: bool
+    class_rows_level: str | None
+    """The level whose segments number the class-token copies (``None``: no copies); when finer
+    than ``level``, spare rows follow ``level``'s copies (see :meth:`Layout.class_rows_level`)."""
+
+    @property
+    def class_tokens(self) -> bool:
+        return self.class_rows_level is not None
+
+    @property
+    def spare_rows(self) -> int:
+        """Rows after ``level``'s copies: each attends to itself only (its output is its value)."""
+        if self.class_rows_level is None:
+            return 0
+        return self.layout.num_segments(self.class_rows_level) - self.layout.num_segments(self.level)
+
+    @property
+    def active_rows(self) -> int:
+        """The rows before the spare ones."""
+        return self.q.shape[0] - self.spare_rows
 
     @property
     def needs_grad(self) -> bool:
@@ -148,6 +166,8 @@ def hier_attention(
             patch tokens in layout order. Optionally ``layout.num_segments(level)`` more rows
             follow: HLIP's class-token copies, one per segment in segment order. Every row
             attends to the patch rows of its own segment and to that segment's class-token copy.
+            Spare rows may follow the copies, up to one copy per segment of a finer level
+            (:meth:`Layout.class_rows_level`): each attends to itself only.
         layout: the batch's layout, on the same device as ``q``.
         level: ``"slice"``, ``"scan"`` or ``"study"``.
         backend: ``"auto"`` or a name from :func:`list_backends`. With ``"auto"`` the
@@ -171,16 +191,18 @@ def plan_attention(
     heads: int,
     head_dim: int,
     dtype: torch.dtype,
-    class_tokens: bool = True,
+    class_tokens: bool | str = True,
     requires_grad: bool = False,
     backend: str = "auto",
     fixed_graph: bool = False,
 ) -> str:
     """Choose the backend for such a call and build its plan now, on the host, so that
     :func:`hier_attention` with the returned name does no host work on these inputs: what lets a
-    compiled model trace it without a graph break. With ``fixed_graph``, ``"auto"`` prefers the
-    backends that trace to one graph for every layout (see :class:`Backend`)."""
-    rows = layout.num_tokens + (layout.num_segments(level) if class_tokens else 0)
+    compiled model trace it without a graph break. ``class_tokens``: one copy per segment of
+    ``level``, or of the finer level it names (spare rows), or none. With ``fixed_graph``,
+    ``"auto"`` prefers the backends that trace to one graph for every layout (see :class:`Backend`)."""
+    copies_of = level if class_tokens is True else class_tokens
+    rows = layout.num_tokens + (layout.num_segments(copies_of) if copies_of else 0)
     # A stand-in with the inputs' shape, dtype and device that owns no memory.
     stand_in = torch.empty((), dtype=dtype, device=layout.device, requires_grad=requires_grad)
     stand_in = stand_in.expand(rows, heads, head_dim)
@@ -212,17 +234,6 @@ def _make_call(q, k, v, layout: Layout, level: str, scale: float | None) -> Atte
             f"inputs are on {q.device} but the layout is on {layout.device}; move the batch "
             "with batch.to(device)"
         )
-    tokens, segments = layout.num_tokens, layout.num_segments(level)
-    if q.shape[0] not in (tokens, tokens + segments):
-        raise ValueError(
-            f"q has {q.shape[0]} rows; the layout has {tokens} tokens and {segments} {level} "
-            f"segments, so expected {tokens} (no class tokens) or {tokens + segments}"
-        )
-    # A branch, not bool(): traced with symbolic sizes, only a branch gives a plain bool (and a
-    # guard), which backends can use in their cache keys.
-    class_tokens = False
-    if q.shape[0] != tokens:
-        class_tokens = True
     return AttentionCall(
         q=q,
         k=k,
@@ -230,7 +241,7 @@ def _make_call(q, k, v, layout: Layout, level: str, scale: float | None) -> Atte
         layout=layout,
         level=level,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-        class_tokens=class_tokens,
+        class_rows_level=layout.class_rows_level(level, q.shape[0]),
     )
 
 
@@ -246,7 +257,8 @@ def _choose(call: AttentionCall, backend: str, fixed_graph: bool = False) -> Bac
         return _BACKENDS[backend]
     # The ranking depends on the call's kind only: cached per layout, every block of a step shares it.
     q = call.q
-    kind = (call.level, call.class_tokens, q.dtype, q.shape[-1], q.device.type, call.needs_grad, fixed_graph)
+    kind = (call.level, call.class_rows_level, q.dtype, q.shape[-1], q.device.type, call.needs_grad)
+    kind = (*kind, fixed_graph)
     return _BACKENDS[call.layout.cached(("auto_backend", *kind), lambda: _rank(call, fixed_graph).name)]
 
 

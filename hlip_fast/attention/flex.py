@@ -1,8 +1,9 @@
 """FlexAttention backend: one ``flex_attention`` call with a block mask built from the layout.
 
-Rows attend to rows of the same segment (class-token copies carry their segment's id). The
-block mask is cached on the layout per level, so all blocks of a step share it. On CUDA the
-compiled kernel runs forward and backward; on the CPU only the eager forward is available.
+Rows attend to rows of the same segment (class-token copies carry their segment's id, each spare
+row an id of its own). The block mask is cached on the layout per level, so all blocks of a step
+share it. On CUDA the compiled kernel runs forward and backward; on the CPU only the eager forward
+is available.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _compiled_flex():
 
 def block_mask(call: AttentionCall):
     """The cached block mask of ``call``'s layout, level and class-token mode."""
-    segment = call.layout.segment_ids(call.level, call.class_tokens)
+    segment = call.layout.segment_ids(call.level, call.class_rows_level or False)
     rows = segment.numel()
 
     def same_segment(b, h, q_idx, kv_idx):
@@ -38,7 +39,7 @@ def block_mask(call: AttentionCall):
     def build():
         return create_block_mask(same_segment, B=None, H=None, Q_LEN=rows, KV_LEN=rows, device=segment.device)
 
-    return call.layout.cached(("flex_block_mask", call.level, call.class_tokens), build)
+    return call.layout.cached(("flex_block_mask", call.level, call.class_rows_level), build)
 
 
 def flex_hier_attention(call: AttentionCall) -> torch.Tensor:

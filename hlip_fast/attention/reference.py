@@ -14,7 +14,8 @@ def reference_attention(call: AttentionCall) -> torch.Tensor:
 
     Segment ``s`` holds patch rows ``cu[s]:cu[s+1]`` and, with class tokens, row ``N + s``.
     Segments tile the patch rows in order, so concatenating the per-segment outputs (patch
-    parts, then class parts) restores the input's row order.
+    parts, then class parts) restores the input's row order. A spare row attends to itself
+    only: a softmax over one key, so its output is its value row.
     """
     q, k, v, n = call.q, call.k, call.v, call.layout.num_tokens
     cu = call.layout.level(call.level).cu_seqlens.tolist()
@@ -29,7 +30,7 @@ def reference_attention(call: AttentionCall) -> torch.Tensor:
         out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), vs)
         patch_out.append(out[: b - a])
         class_out.append(out[b - a :])
-    return torch.cat(patch_out + class_out)
+    return torch.cat(patch_out + class_out + [v[call.active_rows :]])
 
 
 backend = Backend(

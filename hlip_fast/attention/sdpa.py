@@ -20,7 +20,8 @@ _SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.f
 
 @dataclass(frozen=True)
 class BucketPlan:
-    """``groups[i]`` is ``(segments, length)`` row indices; ``inverse`` undoes their concatenation."""
+    """``groups[i]`` is ``(segments, length)`` row indices; ``inverse`` undoes their concatenation
+    followed by the spare rows."""
 
     groups: tuple[torch.Tensor, ...]
     inverse: torch.Tensor
@@ -28,7 +29,8 @@ class BucketPlan:
 
 def bucket_plan(call: AttentionCall) -> BucketPlan:
     """The cached plan for ``call``'s layout, level and class-token mode."""
-    return call.layout.cached(("sdpa_plan", call.level, call.class_tokens), lambda: _build_plan(call))
+    key = ("sdpa_plan", call.level, call.class_rows_level)
+    return call.layout.cached(key, lambda: _build_plan(call))
 
 
 def _build_plan(call: AttentionCall) -> BucketPlan:
@@ -43,6 +45,7 @@ def _build_plan(call: AttentionCall) -> BucketPlan:
             rows = np.concatenate([rows, layout.num_tokens + segments[:, None]], axis=1)
         groups.append(rows)
         order.append(rows.ravel())
+    order.append(np.arange(call.active_rows, call.active_rows + call.spare_rows))
     order = np.concatenate(order)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
@@ -65,6 +68,7 @@ def sdpa_attention(call: AttentionCall) -> torch.Tensor:
         )
         out = F.scaled_dot_product_attention(q, k, v, scale=call.scale)
         outs.append(out.transpose(1, 2).reshape(-1, heads, dim))
+    outs.append(call.v[call.active_rows :])  # a spare row attends to itself only
     return torch.cat(outs).index_select(0, plan.inverse)
 
 

@@ -1,7 +1,7 @@
 """The ``triton`` backend: hlip_fast's block-sparse flash-attention kernel as a torch custom op.
 
 The kernels (``hlip_fast.kernels.hier_attention``) take the packed rows as they are, class-token
-rows included, so no gather or padding happens around them; they follow a tile schedule built
+rows (and spare rows) included, so no gather or padding happens around them; they follow a tile schedule built
 once per layout and level on the host (``hlip_fast.kernels.tile_schedule``). The forward and backward are
 registered as ``hlip_fast::hier_attn_fwd`` / ``hlip_fast::hier_attn_bwd`` custom ops with fake
 (meta) implementations, so the op composes with ``torch.compile`` and autograd.
@@ -51,11 +51,13 @@ def hier_attn_fwd(
     cu: torch.Tensor,
     items: torch.Tensor,
     num_class_rows: int,
+    num_spare_rows: int,
     block_m: int,
     length_bucket: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().hier_attn_forward(q, k, v, cu, items, num_class_rows, block_m, length_bucket, scale)
+    schedule = (cu, items, num_class_rows, num_spare_rows, block_m, length_bucket)
+    return _kernels().hier_attn_forward(q, k, v, *schedule, scale)
 
 
 @hier_attn_fwd.register_fake
@@ -76,11 +78,12 @@ def hier_attn_bwd(
     cu: torch.Tensor,
     items: torch.Tensor,
     num_class_rows: int,
+    num_spare_rows: int,
     block_m: int,
     length_bucket: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    schedule = (cu, items, num_class_rows, block_m, length_bucket)
+    schedule = (cu, items, num_class_rows, num_spare_rows, block_m, length_bucket)
     return _kernels().hier_attn_backward(grad_out, q, k, v, out, lse, *schedule, scale)
 
 
@@ -93,33 +96,35 @@ def _setup_context(ctx, inputs, output):
     q, k, v, cu, items, *scalars = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu, items)
-    ctx.scalars = scalars  # num_class_rows, block_m, length_bucket, scale
+    ctx.scalars = scalars  # num_class_rows, num_spare_rows, block_m, length_bucket, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv = hier_attn_bwd(grad_out, *ctx.saved_tensors, *ctx.scalars)
-    return dq, dk, dv, *(None,) * 6
+    return dq, dk, dv, *(None,) * 7
 
 
 hier_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def schedule_inputs(layout, level: str, class_tokens: bool, device: torch.device) -> tuple:
+def schedule_inputs(
+    layout, level: str, class_tokens: bool, device: torch.device, spare_rows: int = 0
+) -> tuple:
     """The custom op's layout arguments: ``cu_seqlens`` and the tile schedule's items on the
-    device, the number of class rows, the item height (``INTERPRETER_BLOCK_M`` under the
-    interpreter; on a GPU whichever of ``BLOCK_MS`` visits least for this layout and level) and
-    the segment-length bucket that keys autotuning."""
+    device, the numbers of class rows and spare rows, the item height (``INTERPRETER_BLOCK_M``
+    under the interpreter; on a GPU whichever of ``BLOCK_MS`` visits least for this layout and
+    level) and the segment-length bucket that keys autotuning."""
     from hlip_fast.kernels.tile_schedule import layout_schedule
 
     heights = (_kernels().INTERPRETER_BLOCK_M,) if _interpreted() else _kernels().BLOCK_MS
     schedule = layout_schedule(layout, level, class_tokens, heights)
     class_rows = layout.num_segments(level) if class_tokens else 0
     cu = layout.level(level).cu_seqlens
-    return cu, schedule.on(device), class_rows, schedule.block_m, schedule.length_bucket
+    return cu, schedule.on(device), class_rows, spare_rows, schedule.block_m, schedule.length_bucket
 
 
 def _call_schedule(call: AttentionCall) -> tuple:
-    return schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device)
+    return schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device, call.spare_rows)
 
 
 def triton_attention(call: AttentionCall) -> torch.Tensor:

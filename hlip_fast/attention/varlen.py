@@ -2,9 +2,9 @@
 
 Those kernels take contiguous segments. Without class tokens the packed rows already are;
 with them, the rows are gathered once so that each segment's class row precedes its patch rows
-(``cu_seqlens + arange``), and the output is scattered back. The gather plan is built on the host
-once per (layout, level) and cached on the layout. All three run on CUDA only and are optional
-imports: each says why it is unavailable.
+(``cu_seqlens + arange``), spare rows last as one-row segments, and the output is scattered
+back. The gather plan is built on the host once per (layout, level) and cached on the layout.
+All three run on CUDA only and are optional imports: each says why it is unavailable.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class VarlenPlan:
 
 def varlen_plan(call: AttentionCall) -> VarlenPlan:
     """The cached plan of ``call``'s layout, level and class-token mode."""
-    return call.layout.cached(("varlen_plan", call.level, call.class_tokens), lambda: _build_plan(call))
+    key = ("varlen_plan", call.level, call.class_rows_level)
+    return call.layout.cached(key, lambda: _build_plan(call))
 
 
 def _build_plan(call: AttentionCall) -> VarlenPlan:
@@ -47,15 +48,17 @@ def _build_plan(call: AttentionCall) -> VarlenPlan:
     segment = np.repeat(np.arange(lv.num_segments), seqlens + 1)
     position = np.arange(len(segment)) - np.repeat(starts + np.arange(lv.num_segments), seqlens + 1)
     order = np.where(position == 0, layout.num_tokens + segment, starts[segment] + position - 1)
+    order = np.concatenate([order, np.arange(call.active_rows, call.active_rows + call.spare_rows)])
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
-    cu = np.concatenate([[0], np.cumsum(seqlens + 1)]).astype(np.int32)
+    seqlens = np.concatenate([seqlens + 1, np.ones(call.spare_rows, dtype=seqlens.dtype)])
+    cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
     device = layout.device
     return VarlenPlan(
         order=torch.from_numpy(order).to(device),
         inverse=torch.from_numpy(inverse).to(device),
         cu_seqlens=torch.from_numpy(cu).to(device),
-        seqlens=(seqlens + 1).tolist(),
+        seqlens=seqlens.tolist(),
         max_seqlen=lv.max_seqlen + 1,
     )
 

@@ -11,7 +11,8 @@ from .attention import HierarchicalAttention
 
 
 class SegmentDropPath(nn.Module):
-    """Stochastic depth per segment of the current level, class-token copy included.
+    """Stochastic depth per segment of the current level, class-token copy included (each spare
+    row is a segment of its own).
 
     HLIP's dense batches put one segment per batch row, so timm's per-sample ``DropPath`` drops
     whole segments; this does the same on packed rows.
@@ -25,10 +26,9 @@ class SegmentDropPath(nn.Module):
         if not self.training or self.drop_prob == 0.0:
             return x
         keep_prob = 1.0 - self.drop_prob
-        segments = layout.num_segments(level)
-        keep = x.new_empty(segments).bernoulli_(keep_prob).div_(keep_prob)
-        # Rows with class tokens are the patch rows then one per segment: a prefix covers both.
-        return x * keep[layout.segment_ids(level, class_tokens=True)[: x.shape[0]]].unsqueeze(1)
+        copies_of = layout.class_rows_level(level, x.shape[0])
+        keep = x.new_empty(layout.num_segments(copies_of or level)).bernoulli_(keep_prob).div_(keep_prob)
+        return x * keep[layout.segment_ids(level, copies_of or False)].unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"

@@ -2,7 +2,7 @@
 
 At a level, each segment owns one copy of the class token. Moving to a coarser level averages
 the copies of the segments it contains; moving to a finer level replicates the parent's copy.
-The copies ride behind the patch rows; :func:`switch_rows` switches them there.
+The copies ride behind the patch rows; :func:`switch_rows` switches them there, in place.
 """
 
 from __future__ import annotations
@@ -36,18 +36,20 @@ def switch_level(tokens: torch.Tensor, layout: Layout, src: str, dst: str) -> to
 
 
 def switch_rows(rows: torch.Tensor, layout: Layout, src: str, dst: str) -> torch.Tensor:
-    """Packed rows (patch tokens, then ``src``'s class-token copies) → the same patch rows followed
-    by ``dst``'s copies.
+    """Packed rows (patch tokens, then ``src``'s class-token copies, then spare rows) → the same
+    tensor with ``dst``'s copies written over the head of the copies, in place.
 
-    Going coarser there are fewer copies: their values overwrite the first of the old ones in
-    place and the rows are cut to length (a view), so the patch rows are neither copied nor
-    rewritten; ``rows`` must be a tensor nothing else reads afterwards (a block's output). Going
-    finer the rows grow, which takes one copy of them.
+    ``rows`` holds one copy per segment of the finest level it visits (the rest are spare rows,
+    see :meth:`Layout.class_rows`), so a switch in either direction rewrites only copies: the
+    patch rows are neither copied nor rewritten. ``rows`` must be a tensor nothing else reads
+    afterwards (a block's output).
     """
-    num_tokens = layout.num_tokens
-    cls = switch_level(rows[num_tokens:], layout, src, dst)
-    if LEVELS.index(src) < LEVELS.index(dst):
-        rows = rows[: num_tokens + layout.num_segments(dst)]
-        rows[num_tokens:] = cls
-        return rows
-    return torch.cat([rows[:num_tokens], cls])
+    num_tokens, capacity = layout.num_tokens, rows.shape[0] - layout.num_tokens
+    if capacity < layout.num_segments(dst):
+        raise ValueError(
+            f"rows hold {capacity} class-token copies; {dst} needs {layout.num_segments(dst)}: "
+            f"give the rows one copy per segment of the finest level they visit"
+        )
+    copies = switch_level(rows[num_tokens : num_tokens + layout.num_segments(src)], layout, src, dst)
+    rows[num_tokens : num_tokens + layout.num_segments(dst)] = copies
+    return rows

@@ -90,9 +90,10 @@ class HLIPVisionEncoder(nn.Module):
     """Hierarchical ViT over a :class:`~hlip_fast.packing.StudyBatch`: one embedding per study.
 
     Patch tokens stay packed in one ``(num_tokens, C)`` tensor for the whole forward pass. The
-    class-token copies of the current level ride behind them (one row per segment); at a level
-    change only those rows are averaged (to a coarser level, in place: the patch rows are not
-    copied) or replicated (to a finer one: the rows grow, one copy; see ``switch_rows``).
+    class-token copies ride behind them, with room for one per segment of the finest level in
+    the schedule (at a coarser level the rows past its copies are spare); at a level change only
+    the copies are averaged (to a coarser level) or replicated (to a finer one), in place: the
+    patch rows are never copied (see ``switch_rows``).
     """
 
     def __init__(self, config: VisionConfig) -> None:
@@ -123,6 +124,8 @@ class HLIPVisionEncoder(nn.Module):
             for rate in rates
         )
         self.norm = norm_layer(dim)
+        # The finest level of the schedule: the rows hold one class-token copy per segment of it.
+        self.class_rows_level = min(config.levels, key=LEVELS.index)
         self.grad_checkpointing = False
         self.compiled_device_work = None
         self.apply(init_weights_vit_timm)
@@ -220,13 +223,14 @@ class HLIPVisionEncoder(nn.Module):
                 heads=attn.num_heads,
                 head_dim=attn.head_dim,
                 dtype=dtype,
+                class_tokens=self.class_rows_level,
                 requires_grad=torch.is_grad_enabled(),
                 backend=attn.backend,
                 fixed_graph=self.compiled_device_work is not None,
             )
             backends.append(name)
             if self.training and block.drop_path1.drop_prob > 0:
-                layout.segment_ids(level, class_tokens=True)
+                layout.segment_ids(level, self.class_rows_level)
         for src, dst in zip(levels, (*levels[1:], "study")):
             plan_switch(layout, src, dst)
         return tuple(backends)
@@ -245,7 +249,7 @@ class HLIPVisionEncoder(nn.Module):
             x = x[keep]
         num_tokens = layout.num_tokens
         level = self.config.levels[0]
-        cls = self.cls_token[0].expand(layout.num_segments(level), -1)
+        cls = self.cls_token[0].expand(layout.num_segments(self.class_rows_level), -1)
         rows = torch.cat([x, cls])
         for block, next_level, backend in zip(self.blocks, self.config.levels, backends):
             if next_level != level:
@@ -254,7 +258,7 @@ class HLIPVisionEncoder(nn.Module):
                 rows = checkpoint(block, rows, layout, level, backend, use_reentrant=False)
             else:
                 rows = block(rows, layout, level, backend)
-        cls = switch_level(rows[num_tokens:], layout, level, "study")
+        cls = switch_level(rows[num_tokens : num_tokens + layout.num_segments(level)], layout, level, "study")
         return self.norm(rows[:num_tokens]), self.norm(cls)
 
     def pool(self, tokens: torch.Tensor, cls: torch.Tensor, layout: Layout) -> torch.Tensor:
