@@ -122,6 +122,18 @@ def test_gradcheck(backend, class_tokens, seed):
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def test_permute_rows_is_a_gather_whose_backward_gathers_by_the_inverse(seed):
+    from hlip_fast.attention.permutation import permute_rows
+
+    order = torch.randperm(7)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(7)
+    x = torch.randn(7, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(permute_rows(x, order, inverse), x[order])
+    fn = lambda t: permute_rows(t, order, inverse)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
+
+
 def test_spare_rows_attend_to_themselves_and_change_nothing_else(rng):
     """With the class rows of a finer level, the rows before the spare ones are the call
     without them, bit for bit; each spare row's output is its value row."""

@@ -1,8 +1,9 @@
 """SDPA backend: segments grouped by length, one batched ``scaled_dot_product_attention`` each.
 
 Segments of equal length need no padding and no mask, so every group runs PyTorch's fused
-kernels. The gather indices of each group and the permutation that restores row order are
-built on the host once per (layout, level) and cached on the layout.
+kernels. The rows are permuted once so that each group is one contiguous block (a view per
+group), and the output is permuted back; the permutation is built on the host once per
+(layout, level) and cached on the layout.
 """
 
 from __future__ import annotations
@@ -14,21 +15,24 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import AttentionCall, Backend, DeviceSupport, Support
+from .permutation import permute_rows
 
 _SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.float32, torch.float64))})
 
 
 @dataclass(frozen=True)
 class BucketPlan:
-    """``groups[i]`` is ``(segments, length)`` row indices; ``inverse`` undoes their concatenation
-    followed by the spare rows."""
+    """``order`` puts the rows group by group (a group: the segments of one length, each
+    segment's patch rows then its class row), spare rows last; ``inverse`` undoes it;
+    ``groups`` are the groups' ``(segments, length)`` in that order."""
 
-    groups: tuple[torch.Tensor, ...]
+    order: torch.Tensor
     inverse: torch.Tensor
+    groups: tuple[tuple[int, int], ...]
 
 
 def bucket_plan(call: AttentionCall) -> BucketPlan:
-    """The cached plan for ``call``'s layout, level and class-token mode."""
+    """The cached plan for ``call``'s layout, level and class-token copies."""
     key = ("sdpa_plan", call.level, call.class_rows_level)
     return call.layout.cached(key, lambda: _build_plan(call))
 
@@ -43,7 +47,7 @@ def _build_plan(call: AttentionCall) -> BucketPlan:
         rows = starts[segments, None] + np.arange(length)
         if call.class_tokens:
             rows = np.concatenate([rows, layout.num_tokens + segments[:, None]], axis=1)
-        groups.append(rows)
+        groups.append(rows.shape)
         order.append(rows.ravel())
     order.append(np.arange(call.active_rows, call.active_rows + call.spare_rows))
     order = np.concatenate(order)
@@ -51,25 +55,34 @@ def _build_plan(call: AttentionCall) -> BucketPlan:
     inverse[order] = np.arange(len(order))
     device = layout.device
     return BucketPlan(
-        groups=tuple(torch.from_numpy(g).to(device) for g in groups),
+        order=torch.from_numpy(order).to(device),
         inverse=torch.from_numpy(inverse).to(device),
+        groups=tuple((int(n), int(length)) for n, length in groups),
     )
 
 
 def sdpa_attention(call: AttentionCall) -> torch.Tensor:
     heads, dim = call.q.shape[1:]
     plan = bucket_plan(call)
+    sizes = [segments * length for segments, length in plan.groups]
+    if call.spare_rows:
+        sizes.append(call.spare_rows)
+
+    def parts(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # split, not slices: its backward is one cat, where each slice's would zero-fill all rows.
+        t = permute_rows(t, plan.order, plan.inverse)
+        return (t,) if len(sizes) == 1 else t.split(sizes)
+
+    q, k, v = parts(call.q), parts(call.k), parts(call.v)
     outs = []
-    for rows in plan.groups:
-        # index_select, not t[rows]: its backward is index_add rather than a slower index_put.
-        q, k, v = (
-            t.index_select(0, rows.flatten()).unflatten(0, rows.shape).transpose(1, 2)
-            for t in (call.q, call.k, call.v)
-        )
-        out = F.scaled_dot_product_attention(q, k, v, scale=call.scale)
+    for i, shape in enumerate(plan.groups):
+        group = (t[i].unflatten(0, shape).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(*group, scale=call.scale)
         outs.append(out.transpose(1, 2).reshape(-1, heads, dim))
-    outs.append(call.v[call.active_rows :])  # a spare row attends to itself only
-    return torch.cat(outs).index_select(0, plan.inverse)
+    if call.spare_rows:
+        outs.append(v[-1])  # a spare row attends to itself only
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return permute_rows(out, plan.inverse, plan.order)
 
 
 backend = Backend(

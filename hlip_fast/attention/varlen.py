@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .dispatch import AttentionCall, Backend, DeviceSupport, Support
+from .permutation import permute_rows
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -67,10 +68,10 @@ def run_varlen(call: AttentionCall, attend: Callable[..., torch.Tensor]) -> torc
     """Gather to contiguous segments, ``attend(q, k, v, plan, scale)``, scatter back."""
     plan = varlen_plan(call)
     q, k, v = call.q, call.k, call.v
-    if plan.order is not None:
-        q, k, v = (t.index_select(0, plan.order) for t in (q, k, v))
-    out = attend(q, k, v, plan, call.scale)
-    return out if plan.inverse is None else out.index_select(0, plan.inverse)
+    if plan.order is None:
+        return attend(q, k, v, plan, call.scale)
+    q, k, v = (permute_rows(t, plan.order, plan.inverse) for t in (q, k, v))
+    return permute_rows(attend(q, k, v, plan, call.scale), plan.inverse, plan.order)
 
 
 @functools.cache
