@@ -40,13 +40,15 @@ def measure_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:
     """Seconds of each call, per name, with the calls taken in turn (each repeat runs every ``fn``
-    once), so that a machine whose speed drifts during the run slows every contender alike."""
+    once, in reverse order every other repeat), so that a machine whose speed drifts during the
+    run slows every contender alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         measure(fn, 0, warmup)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name] += measure(fn, 1, warmup=0)
+    for repeat in range(repeats):
+        names = list(fns) if repeat % 2 == 0 else list(reversed(fns))
+        for name in names:
+            times[name] += measure(fns[name], 1, warmup=0)
     return times
 
 

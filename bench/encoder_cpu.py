@@ -11,8 +11,8 @@ Cases: (a) uniform — every study 4 scans of ``--fixed-depth`` slices, identica
 (b) ragged brain-MRI mix — 2–12 scans per study, 15–60 slices per scan, 224×224 in-plane;
 the padded pipeline fills every study to the mix's largest study (12 scans), so it drops none.
 Each case draws ``--studies`` studies (default 11: one of each scan count from 2 to 12) and runs
-them ``--batch`` per step; a repeat runs them all, the two pipelines taking turns (so a drift in
-this machine's speed slows both alike).
+them ``--batch`` per step; a repeat runs them all, the two pipelines taking turns step by step
+(so a drift in this machine's speed slows both alike).
 
     python bench/encoder_cpu.py            # prints a table, writes bench/results/encoder_cpu_<date>.json
 """
@@ -83,12 +83,15 @@ def padded_step(model, depths, fixed_depth, padded_scans, in_plane, gen):
 
 def time_per_study(pipelines: dict[str, list], studies: int, repeats: int) -> dict[str, list[float]]:
     """Per pipeline, seconds per study of running every step once, for each repeat (after one
-    warm-up step; the pipelines take turns within each repeat)."""
-    passes = {name: (lambda steps=steps: [step() for step in steps]) for name, steps in pipelines.items()}
+    warm-up step). The pipelines take turns step by step: each step of one is timed next to the
+    same studies' step of the other, so that this machine's drifts in speed slow both alike."""
     for steps in pipelines.values():
         steps[0]()
-    times = measure_interleaved(passes, repeats, warmup=0)
-    return {name: [t / studies for t in ts] for name, ts in times.items()}
+    per_step = [
+        measure_interleaved({name: steps[i] for name, steps in pipelines.items()}, repeats, warmup=0)
+        for i in range(len(next(iter(pipelines.values()))))
+    ]
+    return {name: [sum(t[name][r] for t in per_step) / studies for r in range(repeats)] for name in pipelines}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--studies", type=int, default=11, help="studies drawn per case")
     parser.add_argument("--batch", type=int, default=2, help="studies per forward+backward step")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--embed-dim", type=int, default=96)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--depth", type=int, default=3, help="blocks, scheduled scan, scan, study, ...")

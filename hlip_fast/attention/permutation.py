@@ -16,13 +16,13 @@ class _PermuteRows(torch.autograd.Function):
     # which costs more than the gather on small inputs.
     @staticmethod
     def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(order, inverse)
+        ctx.save_for_backward(inverse)
         return x.index_select(0, order)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        order, inverse = ctx.saved_tensors
-        return _PermuteRows.apply(grad, inverse, order), None, None
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None  # differentiable again: index_select's
 
 
 def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
