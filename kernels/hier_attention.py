@@ -3,7 +3,8 @@
 Rows of ``q``, ``k``, ``v`` (``(rows, heads, head_dim)``, any strides) are the ``N`` patch rows
 of a level's layout followed by ``S`` class-token rows, one per segment; ``cu`` (int32, ``S + 1``)
 gives the patch-row boundaries. Two rows attend to each other exactly when their segments match.
-Spare rows may follow (see ``Layout.class_rows``); the host wrappers handle them, not the kernels.
+Spare rows may follow (see ``Layout.class_rows_level``): the host wrappers handle them, not the
+kernels.
 
 The work follows a tile schedule (``tile_schedule.py``): each program owns one work item of one
 head, at most ``BLOCK_M`` rows of the consecutive segments ``lo..hi-1`` (the same window of each,

@@ -1,10 +1,11 @@
 """The ``triton`` backend: hlip_fast's block-sparse flash-attention kernel as a torch custom op.
 
 The kernels (``hlip_fast.kernels.hier_attention``) take the packed rows as they are, class-token
-rows (and spare rows) included, so no gather or padding happens around them; they follow a tile schedule built
-once per layout and level on the host (``hlip_fast.kernels.tile_schedule``). The forward and backward are
-registered as ``hlip_fast::hier_attn_fwd`` / ``hlip_fast::hier_attn_bwd`` custom ops with fake
-(meta) implementations, so the op composes with ``torch.compile`` and autograd.
+rows (and spare rows) included, so no gather or padding happens around them; they follow a tile
+schedule built once per layout and level on the host (``hlip_fast.kernels.tile_schedule``). The
+forward and backward are registered as ``hlip_fast::hier_attn_fwd`` / ``hlip_fast::hier_attn_bwd``
+custom ops with fake (meta) implementations, so the op composes with ``torch.compile`` and
+autograd.
 
 Runs on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before hlip_fast's kernels
 were imported (tests; slow; fp32/fp16 only, since the interpreter's bf16 arithmetic is wrong).

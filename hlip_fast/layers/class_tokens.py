@@ -40,8 +40,8 @@ def switch_rows(rows: torch.Tensor, layout: Layout, src: str, dst: str) -> torch
     tensor with ``dst``'s copies written over the head of the copies, in place.
 
     ``rows`` holds one copy per segment of the finest level it visits (the rest are spare rows,
-    see :meth:`Layout.class_rows`), so a switch in either direction rewrites only copies: the
-    patch rows are neither copied nor rewritten. ``rows`` must be a tensor nothing else reads
+    see :meth:`Layout.class_rows_level`), so a switch in either direction rewrites only copies:
+    the patch rows are neither copied nor rewritten. ``rows`` must be a tensor nothing else reads
     afterwards (a block's output).
     """
     num_tokens, capacity = layout.num_tokens, rows.shape[0] - layout.num_tokens
