@@ -253,10 +253,11 @@ def test_layout_on_another_device_is_refused():
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("level", LEVELS)
-def test_backend_matches_reference_cuda(backend, dtype, level, rng):
+@pytest.mark.parametrize("class_tokens", [True, "slice"])
+def test_backend_matches_reference_cuda(backend, dtype, level, class_tokens, rng):
     layout = random_layout(rng, max_side=16)
     tolerance = (1e-3, 1e-3) if dtype == torch.float32 else None  # tf32 allowed on the GPU
-    check_against_reference(backend, layout, level, True, dtype, device="cuda", tolerance=tolerance)
+    check_against_reference(backend, layout, level, class_tokens, dtype, device="cuda", tolerance=tolerance)
 
 
 @pytest.mark.parametrize("level", LEVELS)
