@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from helpers import random_layout, random_rows
@@ -137,11 +138,14 @@ def test_permute_rows_is_a_gather_whose_backward_gathers_by_the_inverse(seed):
 def test_spare_rows_attend_to_themselves_and_change_nothing_else(rng):
     """With the class rows of a finer level, the rows before the spare ones are the call
     without them, bit for bit; each spare row's output is its value row."""
-    layout = random_layout(rng, max_studies=3)
+    # Every scan at least two slices deep, a slice per depth-row: more slices than scans or studies.
+    scans = rng.integers(1, 4, size=rng.integers(1, 4))
+    depths, sides = rng.integers(2, 5, size=(scans.sum(), 1)), rng.integers(1, 5, size=(scans.sum(), 2))
+    layout = Layout.build(np.concatenate([depths, sides], axis=1), scans.tolist(), slice_depth=1)
     for level in ("scan", "study"):
         q, k, v = random_rows(layout, level, "slice")
         rows = layout.num_tokens + layout.num_segments(level)
-        assert q.shape[0] > rows, "the layout has no spare rows to test"
+        assert q.shape[0] > rows
         for backend in ("reference", "sdpa"):
             out = hier_attention(q, k, v, layout, level, backend=backend)
             alone = hier_attention(q[:rows], k[:rows], v[:rows], layout, level, backend=backend)
