@@ -439,6 +439,51 @@ def test_fsdp_resume_after_sigkill_equals_an_uninterrupted_run_and_reshards(corp
     assert all(torch.equal(want[k], again[k]) for k in want)
 
 
+GLOO_RANK_THAT_EXITS = """
+import atexit, os, sys, torch, torch.distributed as dist
+from hlip_fast.train.distributed import exit_process
+rank, init, status = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+atexit.register(print, "interpreter teardown")
+os.environ["WORLD_SIZE"] = "2"  # as torchrun sets it
+dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(64, 64))
+for _ in range(3):
+    model(torch.randn(8, 64)).sum().backward()
+for _ in range(3):
+    dist.broadcast_object_list([{"step": 1} if rank == 0 else None])
+dist.destroy_process_group()
+print("last words", flush=False)
+exit_process(status)
+"""
+
+
+def test_a_gloo_rank_exits_with_its_status_and_output_and_skips_interpreter_teardown(tmp_path):
+    """After DDP and ``broadcast_object_list`` on gloo, Python's interpreter teardown can abort a
+    rank that finished its work (SIGABRT, "terminate called without an active exception": about
+    1 ``hlip-train`` launch in 40 on 2 CPU ranks). ``exit_process`` skips that teardown (an
+    ``atexit`` handler must not run) yet keeps the exit status and flushes the output."""
+    for status in (0, 3):
+        init = tmp_path / f"init_{status}"
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, "-c", GLOO_RANK_THAT_EXITS, str(rank), str(init), str(status)],
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for rank in range(2)
+        ]
+        for rank, process in enumerate(ranks):
+            output = process.communicate(timeout=120)[0]
+            assert process.returncode == status, f"status {status}, rank {rank}: {output}"
+            assert output.rstrip().endswith("last words"), output
+    one = "import atexit; from hlip_fast.train.distributed import exit_process; "
+    one += "atexit.register(print, 'interpreter teardown'); exit_process(3)"
+    single = subprocess.run([sys.executable, "-c", one], capture_output=True, text=True, timeout=120)
+    assert (single.returncode, single.stdout.strip()) == (3, "interpreter teardown")  # one process: as usual
+
+
 def test_two_nodes_on_loopback_train_as_two_ranks_on_one_node(corpus, tmp_path):
     """Two torchrun launches as two "nodes" (c10d rendezvous at 127.0.0.1, one process each,
     gloo) train to the weights of one launch with two processes. The rendezvous store is this
@@ -586,10 +631,9 @@ def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: P
     trained = trainer.model_for_export()
     if dist.main:
         torch.save(trained.state_dict(), out / f"{tag}.pt")
-    # As hlip-train does (its export ends in a collective): no rank tears down while another is
-    # still at work; the likely cause of this test's occasional SIGABRT in rank 1.
-    D.barrier()
+    D.barrier()  # no rank tears down while another still works, as in hlip-train (its export is a collective)
     D.teardown()
+    D.exit_process(0)  # as hlip-train ends: interpreter teardown can abort a rank that used gloo
 
 
 def free_port() -> int:

@@ -1,7 +1,5 @@
 """``python -m hlip_fast.train`` = ``hlip-train``."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

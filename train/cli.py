@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import NoReturn
 
 from hlip_fast.boundary import command
 from hlip_fast.console import Console
@@ -38,3 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         kept = {k: v for k, v in result.items() if k in ("step", "stopped", "loss", "studies_per_s")}
         print(f"hlip-train: {json.dumps(kept)}; run folder {trainer.run_dir}")
     return 0
+
+
+def run() -> NoReturn:
+    """The ``hlip-train`` entry point: :func:`main`, then an exit that is safe for a rank of a
+    multi-process run (:func:`~hlip_fast.train.distributed.exit_process`)."""
+    status = main()
+    from .distributed import exit_process
+
+    exit_process(status)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -45,6 +47,22 @@ def setup(device: str = "auto") -> Dist:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End this process with ``status``. A rank of a multi-process run (``WORLD_SIZE`` > 1) skips
+    Python's interpreter teardown, after flushing its logs and output, because that teardown can
+    abort a run that succeeded: once a DDP model was built, gloo's worker threads outlive
+    :func:`teardown`, and one that drops its last reference to a Python-made tensor (a
+    ``broadcast_object_list`` buffer) after teardown has begun ends the process with SIGABRT,
+    "terminate called without an active exception". Call it after :func:`teardown`; it must be
+    the last thing the process does."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def any_rank(flag: torch.Tensor) -> torch.Tensor:
