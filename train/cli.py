@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run() -> NoReturn:
+def run(argv: list[str] | None = None) -> NoReturn:
     """The ``hlip-train`` entry point: :func:`main`, then an exit that is safe for a rank of a
     multi-process run (:func:`~hlip_fast.train.distributed.exit_process`)."""
-    status = main()
+    status = main(argv)
     from .distributed import exit_process
 
     exit_process(status)
