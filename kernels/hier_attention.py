@@ -245,8 +245,9 @@ def hier_attn_forward(
     n = active - num_class_rows
     out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
-    out[active:] = v[active:]
-    lse[:, active:] = (q[active:].float() * k[active:].float()).sum(-1).t() * (scale * LOG2E)
+    if num_spare_rows:  # not on every call: each op costs host time even on empty rows
+        out[active:] = v[active:]
+        lse[:, active:] = (q[active:].float() * k[active:].float()).sum(-1).t() * (scale * LOG2E)
     grid = (items.numel() // 4, heads)
     _kernel("fwd", hier_attn_fwd_kernel)[grid](
         q, k, v, out, lse, cu, items, n, num_class_rows, dim,
@@ -271,7 +272,8 @@ def hier_attn_backward(
     dq = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    dq[active:], dk[active:], dv[active:] = 0, 0, grad_out[active:]  # out = v on spare rows
+    if num_spare_rows:
+        dq[active:], dk[active:], dv[active:] = 0, 0, grad_out[active:]  # out = v on spare rows
     grid = (items.numel() // 4, heads)
     common = dict(BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m))
     inputs = (q, k, v, grad_out, lse, delta)

@@ -257,8 +257,15 @@ def _choose(call: AttentionCall, backend: str, fixed_graph: bool = False) -> Bac
         return _BACKENDS[backend]
     # The ranking depends on the call's kind only: cached per layout, every block of a step shares it.
     q = call.q
-    kind = (call.level, call.class_rows_level, q.dtype, q.shape[-1], q.device.type, call.needs_grad)
-    kind = (*kind, fixed_graph)
+    kind = (
+        call.level,
+        call.class_rows_level,
+        q.dtype,
+        q.shape[-1],
+        q.device.type,
+        call.needs_grad,
+        fixed_graph,
+    )
     return _BACKENDS[call.layout.cached(("auto_backend", *kind), lambda: _rank(call, fixed_graph).name)]
 
 
