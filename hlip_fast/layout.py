@@ -223,6 +223,12 @@ class Layout:
             f"finer level: {counts}"
         )
 
+    def num_rows(self, level: str, class_tokens: bool | str = False) -> int:
+        """Rows of a ``level`` tensor: the patch tokens, plus with ``class_tokens`` one class-token
+        copy per segment of ``level`` (``True``) or of the finer level it names (spare rows)."""
+        copies_of = _copies_level(level, class_tokens)
+        return self.num_tokens + (self.num_segments(copies_of) if copies_of else 0)
+
     def segment_ids(self, level: str, class_tokens: bool | str = False) -> torch.Tensor:
         """Segment id (int32) of every row of a level's packed tensor, made on the layout's
         device from ``cu_seqlens`` (no host work per token) and cached.
@@ -231,7 +237,7 @@ class Layout:
         when ``class_tokens`` names a finer level, as many copies as it has segments: those past
         ``level``'s are spare rows, each a segment of its own (see :meth:`class_rows_level`).
         """
-        copies_of = level if class_tokens is True else class_tokens or None
+        copies_of = _copies_level(level, class_tokens)
 
         def build() -> torch.Tensor:
             if copies_of and LEVELS.index(check_level(copies_of)) > LEVELS.index(level):
@@ -279,6 +285,12 @@ class Layout:
                 "max": int(s.max()),
             }
         return stats
+
+
+def _copies_level(level: str, class_tokens: bool | str) -> str | None:
+    """The level whose segments number the class-token copies: ``level`` for ``True``, the level
+    ``class_tokens`` names, or ``None`` for ``False``."""
+    return level if class_tokens is True else class_tokens or None
 
 
 def _grid_array(grids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:

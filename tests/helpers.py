@@ -41,6 +41,5 @@ def random_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random q, k, v with a row per token, plus with ``class_tokens`` one per segment of
     ``level`` (or, when it names a finer level, of that level: spare rows follow ``level``'s)."""
-    copies_of = class_tokens if isinstance(class_tokens, str) else level
-    rows = layout.num_tokens + (layout.num_segments(copies_of) if class_tokens else 0)
+    rows = layout.num_rows(level, class_tokens)
     return tuple(torch.randn(rows, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))

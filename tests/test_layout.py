@@ -69,6 +69,19 @@ def test_segment_ids_append_class_copies(rng):
         assert layout.segment_ids(level) is layout.segment_ids(level, False)  # made once, cached
 
 
+def test_num_rows_and_class_rows_level_agree(rng):
+    """``num_rows`` counts the rows that ``class_rows_level`` reads back as the same copies, and
+    ``segment_ids`` has one id per row."""
+    layout = random_layout(rng)
+    for level in LEVELS:
+        finer = LEVELS[: LEVELS.index(level) + 1]
+        for class_tokens, copies_of in [(False, None), (True, level), *((f, f) for f in finer)]:
+            rows = layout.num_rows(level, class_tokens)
+            assert rows == layout.num_tokens + (layout.num_segments(copies_of) if copies_of else 0)
+            assert layout.class_rows_level(level, rows) == copies_of
+            assert layout.segment_ids(level, class_tokens).numel() == rows
+
+
 def test_to_moves_every_tensor_once():
     layout = Layout.build([(2, 2, 2), (1, 3, 1)], [1, 1])
     assert layout.to("cpu") is layout

@@ -201,8 +201,7 @@ def plan_attention(
     compiled model trace it without a graph break. ``class_tokens``: one copy per segment of
     ``level``, or of the finer level it names (spare rows), or none. With ``fixed_graph``,
     ``"auto"`` prefers the backends that trace to one graph for every layout (see :class:`Backend`)."""
-    copies_of = level if class_tokens is True else class_tokens
-    rows = layout.num_tokens + (layout.num_segments(copies_of) if copies_of else 0)
+    rows = layout.num_rows(level, class_tokens)
     # A stand-in with the inputs' shape, dtype and device that owns no memory.
     stand_in = torch.empty((), dtype=dtype, device=layout.device, requires_grad=requires_grad)
     stand_in = stand_in.expand(rows, heads, head_dim)
