@@ -144,7 +144,7 @@ def test_spare_rows_attend_to_themselves_and_change_nothing_else(rng):
     layout = Layout.build(np.concatenate([depths, sides], axis=1), scans.tolist(), slice_depth=1)
     for level in ("scan", "study"):
         q, k, v = random_rows(layout, level, "slice")
-        rows = layout.num_tokens + layout.num_segments(level)
+        rows = layout.num_rows(level, True)
         assert q.shape[0] > rows
         for backend in ("reference", "sdpa"):
             out = hier_attention(q, k, v, layout, level, backend=backend)

@@ -36,8 +36,7 @@ def op_inputs(layout: Layout, level: str, class_tokens: bool | str, dim=16, dtyp
     q, k, v = (
         t.to(DEVICE, dtype).requires_grad_() for t in random_rows(layout, level, class_tokens, dim=dim)
     )
-    copies_of = layout.class_rows_level(level, q.shape[0])
-    spare = layout.num_segments(copies_of) - layout.num_segments(level) if copies_of else 0
+    spare = q.shape[0] - layout.num_rows(level, bool(class_tokens))
     layout = layout.to(DEVICE)
     schedule = triton_backend.schedule_inputs(layout, level, bool(class_tokens), q.device, spare)
     return (q, k, v, *schedule, dim**-0.5)
