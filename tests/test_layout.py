@@ -70,15 +70,19 @@ def test_segment_ids_append_class_copies(rng):
 
 
 def test_num_rows_and_class_rows_level_agree(rng):
-    """``num_rows`` counts the rows that ``class_rows_level`` reads back as the same copies, and
-    ``segment_ids`` has one id per row."""
+    """``num_rows`` counts the rows that ``class_rows_level`` reads back as as many copies (the
+    level it names may be a coarser one with as many segments), and ``segment_ids`` has one id
+    per row."""
     layout = random_layout(rng)
     for level in LEVELS:
         finer = LEVELS[: LEVELS.index(level) + 1]
         for class_tokens, copies_of in [(False, None), (True, level), *((f, f) for f in finer)]:
             rows = layout.num_rows(level, class_tokens)
             assert rows == layout.num_tokens + (layout.num_segments(copies_of) if copies_of else 0)
-            assert layout.class_rows_level(level, rows) == copies_of
+            read_back = layout.class_rows_level(level, rows)  # the coarsest level with that many
+            assert (read_back is None) == (copies_of is None)
+            if copies_of:
+                assert layout.num_segments(read_back) == layout.num_segments(copies_of)
             assert layout.segment_ids(level, class_tokens).numel() == rows
 
 
