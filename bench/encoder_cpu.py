@@ -12,7 +12,9 @@ Cases: (a) uniform — every study 4 scans of ``--fixed-depth`` slices, identica
 the padded pipeline fills every study to the mix's largest study (12 scans), so it drops none.
 Each case draws ``--studies`` studies (default 11: one of each scan count from 2 to 12) and runs
 them ``--batch`` per step; a repeat runs them all, the two pipelines taking turns step by step
-(so a drift in this machine's speed slows both alike).
+(so a drift in this machine's speed slows both alike). After the timing, one pass of each
+pipeline runs under ``torch.profiler`` and its operators' own CPU time is summed by kind
+(attention, convolution, matrix products, row copies, the rest): where the two pipelines differ.
 
     python bench/encoder_cpu.py            # prints a table, writes bench/results/encoder_cpu_<date>.json
 """
@@ -24,6 +26,7 @@ import math
 
 import torch
 from common import measure_interleaved, median, write_results
+from torch.profiler import profile
 
 from hlip_fast import create_model, pack_studies
 from hlip_fast.padded_hlip import PaddedHLIP
@@ -94,6 +97,34 @@ def time_per_study(pipelines: dict[str, list], studies: int, repeats: int) -> di
     return {name: [sum(t[name][r] for t in per_step) / studies for r in range(repeats)] for name in pipelines}
 
 
+OP_KINDS = {
+    "attention": lambda op: "scaled_dot_product" in op,
+    "convolution": lambda op: "convolution" in op,
+    "matrix products": lambda op: op in ("aten::mm", "aten::addmm", "aten::bmm"),
+    "row copies": lambda op: (
+        op in ("aten::index_select", "aten::index", "aten::cat", "aten::stack", "aten::copy_", "aten::fill_")
+    ),
+}
+"""Operator kinds of the breakdown, first match wins; every other operator counts as ``other``
+(LayerNorm, GELU, additions, reductions). Row copies: gathers, concatenations, copies, fills."""
+
+
+def op_kind(op: str) -> str:
+    return next((kind for kind, matches in OP_KINDS.items() if matches(op)), "other")
+
+
+def time_by_op_kind(steps: list, studies: int) -> dict[str, float]:
+    """Seconds per study of each operator kind in one profiled pass of ``steps`` (each operator's
+    own CPU time, its children's excluded, so that nothing counts twice)."""
+    with profile() as prof:
+        for step in steps:
+            step()
+    seconds = dict.fromkeys((*OP_KINDS, "other"), 0.0)
+    for event in prof.key_averages():
+        seconds[op_kind(event.key)] += event.self_cpu_time_total / 1e6 / studies
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         pipelines = {"padded_hlip": [fn for fn, _ in padded_], "hlip_fast": [fn for fn, _ in packed]}
         times = time_per_study(pipelines, len(depths), args.repeats)
+        by_kind = {name: time_by_op_kind(steps, len(depths)) for name, steps in pipelines.items()}
         rows.append(
             {
                 "case": case,
@@ -145,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seconds_per_study": times,
                 "median_seconds_per_study": {k: median(v) for k, v in times.items()},
                 "speedup": median(times["padded_hlip"]) / median(times["hlip_fast"]),
+                "profiled_seconds_per_study_by_op_kind": by_kind,
             }
         )
 
@@ -156,6 +189,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['case']:<18} {m['padded_hlip']:>15.3f} {m['hlip_fast']:>18.3f} {r['speedup']:>8.2f}x "
             f"{t['padded_hlip']:>10}/{t['hlip_fast']}"
         )
+    print("\nwhere a study's time goes (one profiled pass; operators' own CPU time, s/study):")
+    kinds = list(rows[0]["profiled_seconds_per_study_by_op_kind"]["hlip_fast"])
+    print(f"{'case / pipeline':<30}" + "".join(f"{k:>17}" for k in (*kinds, "all")))
+    for r in rows:
+        for name, seconds in r["profiled_seconds_per_study_by_op_kind"].items():
+            cells = [seconds[k] for k in kinds] + [sum(seconds.values())]
+            print(f"{r['case'] + ' / ' + name:<30}" + "".join(f"{c:>17.3f}" for c in cells))
     config = {k: v for k, v in vars(args).items() if k != "no_write"}
     if not args.no_write:
         path = write_results("encoder_cpu", {"config": config, "results": rows})

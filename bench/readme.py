@@ -85,7 +85,7 @@ def encoder(path: Path, result: dict) -> str:
     rows = []
     for r in result["results"]:
         scans, slices = r["scans_per_study"], [n for study in r["slices_per_scan"] for n in study]
-        name = r["case"].replace("_", " ").replace("mri", "MRI")
+        name = _encoder_case(r["case"])
         t, s = r["tokens"], r["median_seconds_per_study"]
         rows.append(
             [
@@ -102,8 +102,30 @@ def encoder(path: Path, result: dict) -> str:
         + _table(
             ["case", "padded HLIP s/study", "hlip_fast s/study", "speed-up", "tokens padded / packed"], rows
         )
+        + "\n\nWhere a study's time goes, in ms: one profiled pass, each operator's own CPU time "
+        "summed by kind (row copies: gathers, concatenations, copies, fills):\n\n"
+        + _op_kinds_table(result["results"])
         + "\n"
     )
+
+
+def _encoder_case(case: str) -> str:
+    return case.replace("_", " ").replace("mri", "MRI")
+
+
+def _op_kinds_table(results: list[dict]) -> str:
+    kinds = list(results[0]["profiled_seconds_per_study_by_op_kind"]["hlip_fast"])
+    names = {"padded_hlip": "padded HLIP", "hlip_fast": "hlip_fast"}
+    rows = [
+        [
+            f"{_encoder_case(r['case'])} / {names[name]}",
+            *(f"{seconds[k] * 1e3:.1f}" for k in kinds),
+            f"{sum(seconds.values()) * 1e3:.1f}",
+        ]
+        for r in results
+        for name, seconds in r["profiled_seconds_per_study_by_op_kind"].items()
+    ]
+    return _table(["case / pipeline", *kinds, "all operators"], rows)
 
 
 def attention(path: Path, result: dict) -> str:
