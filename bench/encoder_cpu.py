@@ -12,7 +12,10 @@ Cases: (a) uniform — every study 4 scans of ``--fixed-depth`` slices, identica
 the padded pipeline fills every study to the mix's largest study (12 scans), so it drops none.
 Each case draws ``--studies`` studies (default 11: one of each scan count from 2 to 12) and runs
 them ``--batch`` per step; a repeat runs them all, the two pipelines taking turns step by step
-(so a drift in this machine's speed slows both alike). After the timing, one pass of each
+(so a drift in this machine's speed slows both alike). A third contender, ``hlip_fast_unpermuted``,
+is hlip_fast with the SDPA backend's row permutation replaced by the identity: its outputs are
+wrong (segments attend over the wrong rows) but it runs the same kernels on the same shapes, so
+its speed-up is the ceiling of a copy-free SDPA path. After the timing, one pass of each
 pipeline runs under ``torch.profiler`` and its operators' own CPU time is summed by kind
 (attention, convolution, matrix products, row copies, the rest): where the two pipelines differ.
 
@@ -23,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from unittest import mock
 
 import torch
 from common import measure_interleaved, median, write_results
 from torch.profiler import profile
 
 from hlip_fast import create_model, pack_studies
+from hlip_fast.attention import sdpa
 from hlip_fast.padded_hlip import PaddedHLIP
 
 
@@ -82,6 +87,17 @@ def padded_step(model, depths, fixed_depth, padded_scans, in_plane, gen):
         volumes[0, 0, 0].numel() // math.prod(model.patch_embed.proj.kernel_size) * padded_scans * len(depths)
     )
     return step, tokens
+
+
+def without_row_permutation(step):
+    """``step`` with the SDPA backend's row permutation replaced by the identity (wrong outputs,
+    same kernels and shapes): the time hlip_fast would take if it moved no row for SDPA."""
+
+    def run():
+        with mock.patch.object(sdpa, "permute_rows", lambda rows, order, inverse: rows):
+            step()
+
+    return run
 
 
 def time_per_study(pipelines: dict[str, list], studies: int, repeats: int) -> dict[str, list[float]]:
@@ -163,11 +179,19 @@ def main(argv: list[str] | None = None) -> None:
         packed = [packed_step(model, c, args.in_plane, gen) for c in chunks]
         padded_ = [padded_step(padded, c, args.fixed_depth, scans, args.in_plane, gen) for c in chunks]
         print(
-            f"[{case}] timing padded_hlip and hlip_fast in turn: {len(packed)} steps x {args.repeats} repeats"
+            f"[{case}] timing padded_hlip, hlip_fast and hlip_fast_unpermuted in turn: "
+            f"{len(packed)} steps x {args.repeats} repeats"
         )
-        pipelines = {"padded_hlip": [fn for fn, _ in padded_], "hlip_fast": [fn for fn, _ in packed]}
+        pipelines = {
+            "padded_hlip": [fn for fn, _ in padded_],
+            "hlip_fast": [fn for fn, _ in packed],
+            "hlip_fast_unpermuted": [without_row_permutation(fn) for fn, _ in packed],
+        }
         times = time_per_study(pipelines, len(depths), args.repeats)
-        by_kind = {name: time_by_op_kind(steps, len(depths)) for name, steps in pipelines.items()}
+        by_kind = {
+            name: time_by_op_kind(pipelines[name], len(depths)) for name in ("padded_hlip", "hlip_fast")
+        }
+        medians = {k: median(v) for k, v in times.items()}
         rows.append(
             {
                 "case": case,
@@ -175,19 +199,20 @@ def main(argv: list[str] | None = None) -> None:
                 "slices_per_scan": depths,
                 "tokens": {"padded_hlip": sum(t for _, t in padded_), "hlip_fast": sum(t for _, t in packed)},
                 "seconds_per_study": times,
-                "median_seconds_per_study": {k: median(v) for k, v in times.items()},
-                "speedup": median(times["padded_hlip"]) / median(times["hlip_fast"]),
+                "median_seconds_per_study": medians,
+                "speedup": medians["padded_hlip"] / medians["hlip_fast"],
+                "speedup_unpermuted": medians["padded_hlip"] / medians["hlip_fast_unpermuted"],
                 "profiled_seconds_per_study_by_op_kind": by_kind,
             }
         )
 
-    header = ("case", "padded s/study", "hlip_fast s/study", "speed-up", "tokens padded/packed")
-    print("\n{:<18} {:>15} {:>18} {:>9} {:>21}".format(*header))
+    header = ("case", "padded s/study", "hlip_fast s/study", "speed-up", "unpermuted", "tokens padded/packed")
+    print("\n{:<18} {:>15} {:>18} {:>9} {:>11} {:>21}".format(*header))
     for r in rows:
         m, t = r["median_seconds_per_study"], r["tokens"]
         print(
             f"{r['case']:<18} {m['padded_hlip']:>15.3f} {m['hlip_fast']:>18.3f} {r['speedup']:>8.2f}x "
-            f"{t['padded_hlip']:>10}/{t['hlip_fast']}"
+            f"{r['speedup_unpermuted']:>10.2f}x {t['padded_hlip']:>10}/{t['hlip_fast']}"
         )
     print("\nwhere a study's time goes (one profiled pass; operators' own CPU time, s/study):")
     kinds = list(rows[0]["profiled_seconds_per_study_by_op_kind"]["hlip_fast"])
