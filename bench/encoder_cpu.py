@@ -94,8 +94,16 @@ def without_row_permutation(step):
     same kernels and shapes): the time hlip_fast would take if it moved no row for SDPA."""
 
     def run():
-        with mock.patch.object(sdpa, "permute_rows", lambda rows, order, inverse: rows):
+        calls = []
+
+        def identity(rows, order, inverse):
+            calls.append(None)
+            return rows
+
+        with mock.patch.object(sdpa, "permute_rows", identity):
             step()
+        if not calls:  # another backend ran: this contender would time plain hlip_fast
+            raise RuntimeError("hlip_fast's attention did not run the sdpa backend; nothing was unpermuted")
 
     return run
 

@@ -45,6 +45,6 @@ def run(argv: list[str] | None = None) -> NoReturn:
     """The ``hlip-train`` entry point: :func:`main`, then an exit that is safe for a rank of a
     multi-process run (:func:`~hlip_fast.train.distributed.exit_process`)."""
     status = main(argv)
-    from .distributed import exit_process
+    from .distributed import exit_process  # here: ``hlip-train --help`` must not import torch
 
     exit_process(status)
