@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from common import write_results
+
 from hlip_fast.train.demo import main as demo_main
 
 

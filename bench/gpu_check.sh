@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. GPU tests: every backend against the reference on CUDA, then the kernel's own tests.
-#    (-P: import hlip_fast from the install above, where kernels/ maps to hlip_fast.kernels.)
+#    (-P: import hlip_fast from the install above, not from the checkout.)
 pytest=(timeout 100 python3 -P -m pytest -q -p no:cacheprovider)
 { "${pytest[@]}" -m gpu tests; "${pytest[@]}" tests/test_triton_kernel.py; } 2>&1 | tee "$OUT/gpu_tests.log"
 

@@ -17,10 +17,10 @@ from functools import partial
 import torch
 from common import median, write_results
 from encoder_cpu import ragged_mix
-from hlip_fast.kernels.hier_attention import BLOCK_MS
-from hlip_fast.kernels.tile_schedule import layout_schedule
 
 from hlip_fast import LEVELS, Layout
+from hlip_fast.kernels.hier_attention import BLOCK_MS
+from hlip_fast.kernels.tile_schedule import layout_schedule
 
 
 def brain_mri_grids(studies: int) -> tuple[list[tuple[int, int, int]], list[int]]:

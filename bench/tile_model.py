@@ -22,10 +22,10 @@ import argparse
 
 import numpy as np
 from common import RESULTS, write_results
-from hlip_fast.kernels.hier_attention import BLOCK_MS
-from hlip_fast.kernels.tile_schedule import layout_schedule
 
 from hlip_fast import Layout
+from hlip_fast.kernels.hier_attention import BLOCK_MS
+from hlip_fast.kernels.tile_schedule import layout_schedule
 
 FLASH_TILE, FLEX_BLOCK = (128, 64), 128
 MIX_SCANS = [2 + i % 11 for i in range(8)]  # 8 studies of the ragged mix's 2-12 scans

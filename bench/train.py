@@ -31,7 +31,6 @@ import tempfile
 import torch
 from common import measure, median, write_results
 from encoder_cpu import ragged_mix
-from hlip_fast.train.profiling import StepProfiler, phase
 from transformers import BertModel
 
 from hlip_fast import create_clip, pack_studies
@@ -39,6 +38,7 @@ from hlip_fast.losses import ClipLoss
 from hlip_fast.models.registry import get_config
 from hlip_fast.padded_hlip import OriginalHLIPClip
 from hlip_fast.text import TextConfig, build_tiny_text_model
+from hlip_fast.train.profiling import StepProfiler, phase
 
 REPORT = "There is a small mass in the left hemisphere. No haemorrhage. The ventricles are normal in size."
 PRESETS = {

@@ -6,11 +6,11 @@ per layout and level; work counts that the kernels' rule implies."""
 from __future__ import annotations
 
 import numpy as np
-from hlip_fast.kernels.tile_schedule import SegmentRuns, build_schedule, build_schedules, layout_schedule
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hlip_fast import Layout
+from hlip_fast.kernels.tile_schedule import SegmentRuns, build_schedule, build_schedules, layout_schedule
 
 lengths = st.lists(st.one_of(st.integers(1, 3), st.integers(1, 300)), min_size=1, max_size=12)
 

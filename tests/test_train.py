@@ -20,9 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hlip_fast.train import load_config
-from hlip_fast.train import main as train_main
-from hlip_fast.train.data import train_transforms
 from safetensors.torch import load_file
 
 from hlip_fast.data import synthesize
@@ -30,6 +27,9 @@ from hlip_fast.data.batching import collate
 from hlip_fast.data.reader import RawStudies, decoded_studies
 from hlip_fast.data.synth import SIZES
 from hlip_fast.text import build_tiny_text_model
+from hlip_fast.train import load_config
+from hlip_fast.train import main as train_main
+from hlip_fast.train.data import train_transforms
 
 TINY = ["--model", "vit_tiny_multiscan_h2", "--embed-dim", "32", "--max-tokens", "1024", "--workers", "0"]
 # a text tower that can learn (tiny, trained) and a warm-up that fits the short runs here
@@ -231,10 +231,9 @@ def test_training_from_a_url_equals_training_from_the_local_copy(corpus, tmp_pat
 
 def test_dali_reader_trains_and_its_ranks_share_each_epoch(corpus, tmp_path):
     pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install hlip-fast[dali])")
+    from hlip_fast import load_pretrained
     from hlip_fast.train.data import train_loader
     from hlip_fast.train.distributed import Dist
-
-    from hlip_fast import load_pretrained
 
     logs = tmp_path / "logs"
     args = run_args(

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from damage import copy_corpus, flip, truncate, without_rights
-from hlip_fast.train import main as train_main
-from hlip_fast.train.demo import main as train_demo_main
 
 from hlip_fast import create_clip, save_pretrained
 from hlip_fast.data.cli import prepare_main, synth_main
 from hlip_fast.demo import main as demo_main
 from hlip_fast.evaluation.cli import embed_main, eval_main
+from hlip_fast.train import main as train_main
+from hlip_fast.train.demo import main as train_demo_main
 
 
 @pytest.fixture(scope="module")

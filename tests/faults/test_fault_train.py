@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from damage import copy_corpus, flip, truncate
-from hlip_fast.train import main as train_main
-from hlip_fast.train.trainer import Trainer
-from hlip_fast.train.training_state import Checkpoints
 from safetensors.torch import load_file
 
 from hlip_fast.data import synthesize
 from hlip_fast.data.synth import SIZES
 from hlip_fast.folder_lock import FolderLock
+from hlip_fast.train import main as train_main
+from hlip_fast.train.trainer import Trainer
+from hlip_fast.train.training_state import Checkpoints
 
 TINY = ["--model", "vit_tiny_multiscan_h2", "--embed-dim", "32", "--max-tokens", "1024", "--workers", "0"]
 # a text tower that can learn (tiny, trained) and a warm-up that fits the short runs here

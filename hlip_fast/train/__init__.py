@@ -1,4 +1,4 @@
-"""The lean distributed trainer, installed as ``hlip_fast.train`` (console script ``hlip-train``)."""
+"""The lean distributed trainer (console script ``hlip-train``)."""
 
 from hlip_fast._lazy import lazy_exports
 
