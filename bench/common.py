@@ -12,12 +12,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+# Releases that can move a figure: a result file names them, so that a drift can be told apart.
+PACKAGES = ("transformers", "tokenizers", "timm", "numpy", "triton")
 
 
 def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -78,7 +81,15 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "git_commit": commit,
+        "packages": {name: _version(name) for name in PACKAGES},
     }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def write_results(name: str, payload: dict[str, object]) -> Path:

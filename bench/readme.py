@@ -42,6 +42,13 @@ def _machine(result: dict) -> str:
     return f"{m['date']}, {m['cpu_count']}-core {m['processor']} CPU, torch {m['torch'].split('+')[0]}"
 
 
+def _text_release(result: dict) -> str:
+    """The transformers release of the run, where the file records it (its text tower and
+    tokenizer move the demo's figures)."""
+    version = result["machine"].get("packages", {}).get("transformers")
+    return f", transformers {version}" if version else ""
+
+
 def _source(path: Path) -> str:
     return f"`{path.relative_to(REPO)}`"
 
@@ -64,7 +71,8 @@ def demo(path: Path, result: dict) -> str:
     ]
     recall = d["retrieval"]["study_to_text"]
     return (
-        f"The training demo (`bash scripts/demo.sh`; recorded by `python bench/demo.py`, {_machine(result)}: "
+        f"The training demo (`bash scripts/demo.sh`; recorded by `python bench/demo.py`, {_machine(result)}"
+        f"{_text_release(result)}: "
         f"{d['minutes']:.1f} min "
         f"after the install; {d['studies']} training and {d['val_studies']} held-out studies, "
         f"{d['steps']} steps, `--recipe {d['recipe']}`; {_source(path)}), zero-shot on the held-out "

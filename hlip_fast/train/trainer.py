@@ -107,6 +107,10 @@ def _reader_description(cfg: TrainConfig) -> str:
     }[cfg.reader]
 
 
+def _detached(value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else value.detach()
+
+
 def _full(param: torch.Tensor) -> torch.Tensor:
     """The whole parameter (gathered from every rank when FSDP2 shards it: a collective)."""
     return param.full_tensor() if hasattr(param, "full_tensor") else param
@@ -563,6 +567,9 @@ class Trainer:
     def _accumulated(self, inputs) -> torch.Tensor:
         """open_clip's accumulation: cache all micro-batches' features without gradients, then
         recompute each one (same random draws) and back-propagate the loss over the whole set.
+        Each pass's loss sees every pair, so the loss's own parameters (temperature, SigLIP bias)
+        take their gradient from the last pass only: summed over the passes it would be
+        ``accum_freq`` times too large (as in open_clip), inflating the clipped gradient norm.
         A stop signal between micro-batches abandons the step with the RNG as it began."""
         cached, states = [], []
 
@@ -582,9 +589,12 @@ class Trainer:
         for j, (batch, tokens) in enumerate(inputs):
             check_stop()
             set_rng_state(states[j])
-            with self._gradient_sync(j == len(inputs) - 1):
+            last = j == len(inputs) - 1
+            with self._gradient_sync(last):
                 with phase("forward"), self._autocast():
                     out = self.net(batch, tokens)
+                    if not last:
+                        out = {**out, **{k: _detached(out[k]) for k in ("logit_scale", "logit_bias")}}
                     study = torch.cat(
                         [out["study_features"] if i == j else c[0] for i, c in enumerate(cached)]
                     )
