@@ -678,7 +678,7 @@ def test_two_rank_ddp_and_fsdp_equal_one_rank_with_the_same_global_batch(corpus,
             assert got.keys() == want.keys(), tag
             for key, g in want.items():
                 error = (got[key] - g).norm().item()
-                assert error <= 1e-3 * g.norm().item() + 1e-7, f"{tag}: step {step} gradient of {key}: {error}"
+                assert error <= 1e-3 * g.norm().item() + 1e-7, f"{tag}: step {step}, {key}: {error}"
         # Weights after 3 AdamW steps: an element whose gradient is near eps moves by g / (|g| + eps),
         # so rounding in its gradient moves it by up to a few percent of the learning rate (1e-3).
         other = torch.load(tmp_path / f"{tag}.pt")
