@@ -52,8 +52,20 @@ def test_the_root_imports_only_hlip_fast():
     assert importable_names(REPO) == {"hlip_fast"}
 
 
-def test_no_root_name_shadows_an_installed_distribution():
-    assert shadowed(REPO, packages_distributions()) == {}
+# The folders the README's commands put first on ``sys.path``: the root (``python -m``), the test
+# folders (pytest prepends each folder of test files without ``__init__.py``) and ``bench/``
+# (``python bench/<script>.py``).
+FIRST_ON_PATH = {
+    "root": REPO,
+    "tests": REPO / "tests",
+    "faults": REPO / "tests" / "faults",
+    "bench": REPO / "bench",
+}
+
+
+@pytest.mark.parametrize("folder", FIRST_ON_PATH.values(), ids=FIRST_ON_PATH.keys())
+def test_no_name_first_on_the_path_shadows_an_installed_distribution(folder):
+    assert shadowed(folder, packages_distributions()) == {}
 
 
 def test_the_shadow_check_finds_a_package_or_module_but_not_a_namespace_folder(tmp_path):
