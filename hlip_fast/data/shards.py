@@ -18,7 +18,6 @@ import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from ..locations import (
     local,
     open_binary,
     parent,
-    with_suffix,
 )
+from .side_files import read_sides, side_path
 
 FORMAT = "hlip_fast.shards/2"
 MEMBERS = ("json", "lz4", "sizes")  # the study's data; ``sum`` holds their checksums
@@ -197,24 +196,6 @@ def prepare_config(shard: Location) -> dict:
     return verify_checksum(read_json(location), location)["config"]
 
 
-def _side(shard: Location) -> dict | None:
-    """The shard's verified side file (its studies), ``None`` when there is none."""
-    side = with_suffix(shard, ".json")
-    try:
-        payload = read_json(side)
-    except FileNotFoundError:  # one request for a remote side file, not an existence check first
-        return None
-    return verify_checksum(payload, side)
-
-
-def _sides(shards: list[Location]) -> list[dict | None]:
-    """The side files of ``shards``, fetched a few at a time when they are remote."""
-    if not any(is_url(s) for s in shards):
-        return [_side(s) for s in shards]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(_side, shards))
-
-
 def read_index(source: Location | list) -> dict:
     """The index of ``source``, verified: a prepared folder or its ``index.json`` (local or URL);
     for shards named one by one (a list, a brace pattern), the equivalent index made from their
@@ -224,10 +205,10 @@ def read_index(source: Location | list) -> dict:
         return _verified_index(index_at)
     shards = [s.path if isinstance(s, ShardInfo) else s for s in shards]
     entries = []
-    for shard, side in zip(shards, _sides(shards)):
+    for shard, side in zip(shards, read_sides(shards)):
         if side is None:
             raise FileNotFoundError(
-                f"{shard}: no side file {with_suffix(shard, '.json')} (written by hlip-prepare): name the "
+                f"{shard}: no side file {side_path(shard)} (written by hlip-prepare): name the "
                 f"folder or its {INDEX} instead"
             )
         entries.append({"path": str(shard), "studies": side["studies"]})
@@ -247,7 +228,7 @@ def shard_infos(source: Location | list) -> list[ShardInfo]:
     if index_at is None:
         named = [s for s in shards if not isinstance(s, ShardInfo)]
         found = iter(
-            [_info(s, side["studies"]) if side else ShardInfo(s) for s, side in zip(named, _sides(named))]
+            [_info(s, side["studies"]) if side else ShardInfo(s) for s, side in zip(named, read_sides(named))]
         )
         return [s if isinstance(s, ShardInfo) else next(found) for s in shards]
     root = parent(index_at)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..locations import local
 from .config import PrepareConfig
+from .encoding import process_study
 from .manifest import ScanEntry, StudyEntry, read_manifest
-from .prepare import process_study
 from .reader import RawStudies
 from .shards import RawStudy, ShardInfo, is_prepared, is_url_or_pattern, shard_infos
 

@@ -22,9 +22,10 @@ from ..console import Console
 from ..files import write_json
 from ..integrity import canonical, digest
 from .config import PrepareConfig
+from .encoding import StudyResult, encode_study
 from .manifest import ScanEntry, StudyEntry, write_manifest
-from .prepare import StudyResult, build_shards, encode_study
 from .preprocess import preprocess_volume
+from .shard_set import build_shards
 from .volumes import Volume
 
 # Signal of each tissue per MR sequence (arbitrary units) and HU per CT tissue.

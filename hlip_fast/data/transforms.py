@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .shards import RawStudy
+from .tokens import study_tokens
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -78,8 +79,7 @@ class Study:
         return [s.to(torch.float32).mul_(a).add_(b) for s, (a, b) in zip(self.scans, self.intensity)]
 
     def tokens(self, patch_size: tuple[int, int, int]) -> int:
-        pd, ph, pw = patch_size
-        return sum(-(-s.shape[0] // pd) * (s.shape[1] // ph) * (s.shape[2] // pw) for s in self.scans)
+        return study_tokens((s.shape for s in self.scans), patch_size)
 
 
 def study_rng(config: TransformConfig, epoch: int, study_id: str) -> np.random.Generator:

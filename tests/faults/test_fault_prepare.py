@@ -18,8 +18,8 @@ from pydicom import examples
 
 from hlip_fast.data import PrepareConfig, ScanEntry, StudyEntry, prepare
 from hlip_fast.data.cli import prepare_main, synth_main
-from hlip_fast.data.prepare import build_shards
 from hlip_fast.data.reader import RawStudies
+from hlip_fast.data.shard_set import build_shards
 from hlip_fast.data.synth import SIZES, _SynthStudy, synth_prepare_config, write_raw
 from hlip_fast.data.volumes import read_volume
 from hlip_fast.folder_lock import FolderLock
