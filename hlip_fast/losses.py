@@ -42,7 +42,11 @@ class ClipLoss(nn.Module):
         super().__init__()
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: None = None
+    ) -> torch.Tensor:
+        if logit_bias is not None:
+            raise ValueError("the CLIP loss takes no logit_bias (that is the SigLIP loss's)")
         rank, world_size = _distributed()
         all_image = gather_features(image, self.gather_with_grad)
         all_text = gather_features(text, self.gather_with_grad)
@@ -70,3 +74,15 @@ class SigLipLoss(nn.Module):
         labels = -torch.ones_like(logits)
         labels[:, rank * n : (rank + 1) * n] += 2 * torch.eye(n, device=logits.device, dtype=logits.dtype)
         return -F.logsigmoid(labels * logits).sum() / n
+
+
+def build_loss(kind: str, *, local_loss: bool = False, gather_with_grad: bool = False) -> nn.Module:
+    """The loss of a model whose ``ClipConfig.loss`` is ``kind``; either is called as
+    ``loss(image, text, logit_scale, logit_bias)`` (``logit_bias`` ``None`` for CLIP).
+    ``local_loss`` and ``gather_with_grad`` are the CLIP loss's (SigLIP always gathers with
+    gradients and scores its own rows)."""
+    if kind == "siglip":
+        return SigLipLoss()
+    if kind == "clip":
+        return ClipLoss(local_loss, gather_with_grad)
+    raise ValueError(f"unknown loss {kind!r}; expected 'clip' or 'siglip'")

@@ -18,7 +18,7 @@ TOOLS = [
     ("hlip-synth", "hlip_fast.data.cli", "synth_parser", "synth_main"),
     ("hlip-eval", "hlip_fast.evaluation.cli", "eval_parser", "eval_main"),
     ("hlip-embed", "hlip_fast.evaluation.cli", "embed_parser", "embed_main"),
-    ("hlip-train", "hlip_fast.train.config", "build_parser", None),
+    ("hlip-train", "hlip_fast.train.cli", "build_parser", None),
     ("python -m hlip_fast.demo", "hlip_fast.demo", "parser", "main"),
     ("python -m hlip_fast.train.demo", "hlip_fast.train.demo", "parser", "main"),
 ]
@@ -83,7 +83,7 @@ def test_every_flag_has_help_with_its_default_and_choices(tool):
 
 def test_train_flags_are_generated_from_the_config_with_help_default_and_choices():
     from hlip_fast.train import TrainConfig
-    from hlip_fast.train.config import build_parser
+    from hlip_fast.train.cli import build_parser
 
     parser = build_parser()
     flags = {a.dest: a for a in parser._actions}
@@ -95,6 +95,34 @@ def test_train_flags_are_generated_from_the_config_with_help_default_and_choices
     help_text = parser.format_help()
     for recipe in ("hlip-ct-rate", "hlip-brain-mri", "scratch-tiny"):
         assert f"  {recipe}: " in help_text
+
+
+def test_train_ranges_and_resume_behaviour_are_declared_once_and_enforced():
+    """Each field's declared range refuses a value just outside it, naming the field, and
+    ``--help`` states the range and what a resume may do with the field."""
+    from hlip_fast.train import TrainConfig
+    from hlip_fast.train.cli import build_parser
+    from hlip_fast.train.config import FIXED, RUN_ONLY, field_type
+
+    base = TrainConfig(train_data="shards", text_model="tiny", model="vit_tiny_multiscan_h2")
+    assert base.problems() == []
+    bounded = [f for f in dataclasses.fields(TrainConfig) if f.metadata["bounds"].text()]
+    assert len(bounded) >= 25
+    for field in bounded:
+        bounds, kind = field.metadata["bounds"], field_type(field)[0]
+        outside = bounds.least - 1 if bounds.least is not None else bounds.above
+        for value in [outside] + ([bounds.below] if bounds.below is not None else []):
+            problems = dataclasses.replace(base, **{field.name: kind(value)}).problems()
+            assert [p for p in problems if p.startswith(f"{field.name} must be ")], (
+                field.name,
+                value,
+                problems,
+            )
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert "; > 0" in helps["lr"] and "; in [0, 1)" in helps["jitter"]
+    assert all("; fixed on resume)" in helps[name] for name in FIXED)
+    assert all("; free on resume)" in helps[name] for name in RUN_ONLY)
+    assert "on resume" not in helps["lr"]  # checked: refused unless --resume-override names it
 
 
 def test_shared_options_have_one_spelling():

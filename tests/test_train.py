@@ -641,10 +641,10 @@ def ddp_worker(rank: int, world: int, port: int, corpus: Path, text: str, out: P
 def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's gradient, whole (FSDP2's sharded gradients gathered, as the trainer
     gathers parameters: a collective)."""
-    from hlip_fast.train.trainer import _full
+    from hlip_fast.train.distributed import full_tensor
 
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    return {name: _full(grad).detach().clone() for name, grad in grads.items()}
+    return {name: full_tensor(grad).detach().clone() for name, grad in grads.items()}
 
 
 def free_port() -> int:

@@ -4,10 +4,10 @@ from hlip_fast._lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": ".config",
-    "load_config": ".config",
+    "load_config": ".cli",
     "RECIPES": ".recipes",
     "Trainer": ".trainer",
-    "TrainingStopped": ".trainer",
+    "TrainingStopped": ".health",
     "main": ".cli",
 }
 __all__ = sorted(_EXPORTS)

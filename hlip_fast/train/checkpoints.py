@@ -1,17 +1,15 @@
-"""Training checkpoints: written atomically (temporary file, fsync, rename) with a checksum file
-beside each, the last K kept, verified and read back with ``weights_only=True``; a damaged or
-truncated latest checkpoint gives way to the newest intact one. Plus the RNG states a run needs
-to resume exactly."""
+"""Training checkpoint files: written atomically (temporary file, fsync, rename) with a checksum
+file beside each, the last K kept, verified and read back with ``weights_only=True``; a damaged
+or truncated latest checkpoint gives way to the newest intact one. What goes into one is
+:class:`~hlip_fast.train.training_state.TrainingState`'s business."""
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hlip_fast.errors import IntegrityError
@@ -109,25 +107,3 @@ class Checkpoints:
         if damaged:
             raise IntegrityError("every checkpoint is damaged:\n  " + "\n  ".join(damaged))
         return None
-
-
-def rng_state() -> dict:
-    """torch (CPU and this process's CUDA device), Python and NumPy global generators."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

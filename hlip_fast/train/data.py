@@ -27,6 +27,18 @@ def train_transforms(cfg: TrainConfig, model) -> TransformConfig:
     return model_transforms(model, jitter=cfg.jitter, seed=cfg.seed)
 
 
+READER_DESCRIPTIONS = {
+    "cpu": "{workers} DataLoader worker(s) per rank",
+    "nvcomp": "nvCOMP decoding on the GPU",
+    "dali": "DALI, {threads} thread(s) per rank",
+}
+
+
+def reader_description(cfg: TrainConfig) -> str:
+    """How this run reads its batches, in words."""
+    return READER_DESCRIPTIONS[cfg.reader].format(workers=cfg.workers, threads=max(1, cfg.workers))
+
+
 def train_loader(cfg: TrainConfig, model, dist: Dist, epoch: int) -> Iterable[Batch]:
     """This rank's token-budget batches of ``epoch``, their reports already tokenised: CPU
     decoding in DataLoader workers, nvCOMP decoding on the GPU, or DALI (inflating on the GPU
@@ -84,6 +96,11 @@ class EpochPlan:
         return max(1, math.ceil(self.batches / world_size / accum_freq))
 
 
+def total_steps(cfg: TrainConfig, plan: EpochPlan, world_size: int) -> int:
+    """The run's length in steps: ``steps``, or ``epochs`` times an epoch's steps per rank."""
+    return cfg.steps or cfg.epochs * plan.steps_per_rank(world_size, cfg.accum_freq)
+
+
 def plan_epoch(cfg: TrainConfig, patch_size: tuple[int, int, int], max_scans: int) -> EpochPlan:
     """The token-budget packing of every study of the index (its first ``max_scans`` scans)."""
     index = read_index(cfg.train_data)
@@ -137,7 +154,7 @@ def plan_problems(
             f"a step would hold about {per_step:.1f} studies; the contrastive loss needs at least 2 "
             "(with 1 it is 0 and nothing is learned): raise --max-tokens or --max-studies, or --accum-freq"
         )
-    steps = cfg.steps or cfg.epochs * plan.steps_per_rank(world_size, cfg.accum_freq)
+    steps = total_steps(cfg, plan, world_size)
     if cfg.warmup > steps:
         problems.append(
             f"warmup {cfg.warmup} is longer than the run ({steps} steps): the learning rate would never "

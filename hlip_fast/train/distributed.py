@@ -133,3 +133,13 @@ def gather(value) -> list:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (gathered from every rank when FSDP2 shards it: a collective)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (its shard under FSDP2)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -1,8 +1,18 @@
-"""Non-finite steps, decided and counted on the device: no host sync per step."""
+"""A run's health: non-finite steps, decided and counted on the device (no host sync per step),
+and the error that stops a run whose weights or data went bad."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from hlip_fast.errors import RunStopped
+
+
+class TrainingStopped(RunStopped):
+    """The run stopped before its last step (divergence, non-finite weights, too many damaged
+    studies); the message says what to do."""
 
 
 class NonfiniteSteps:
@@ -27,3 +37,32 @@ class NonfiniteSteps:
     def count(self) -> int:
         """Non-finite steps so far (a host sync)."""
         return int(self.total.item())
+
+
+def streak_too_long(streak: int, step: int, newest: Path | None) -> TrainingStopped:
+    """A run with ``streak`` non-finite steps in a row at ``step``: past ``--max-nonfinite``."""
+    return TrainingStopped(
+        f"{streak} consecutive steps with a non-finite loss or gradient (step {step}); "
+        f"stopped. Weights from before the first of them: {newest}. "
+        "Lower --lr, raise --warmup or use --precision fp32 and resume from there."
+    )
+
+
+def streak_at_end(streak: int, newest: Path | None) -> TrainingStopped:
+    """A run whose last ``streak`` steps were non-finite: its weights are not exported."""
+    return TrainingStopped(
+        f"the run ended on {streak} steps with a non-finite loss or gradient: its "
+        f"weights give non-finite results and were not exported. Weights from before them: "
+        f"{newest}. Lower --lr or raise --warmup and resume from there."
+    )
+
+
+def nonfinite_weights(names: list[str], step: int, newest: Path | None) -> TrainingStopped:
+    """Weights that are not finite after ``step`` (``names``: this rank's; empty when only
+    another rank's are): they are not saved."""
+    shown = ", ".join(names[:3]) or "on another rank"
+    return TrainingStopped(
+        f"the weights are not finite after step {step} ({shown}{', ...' if len(names) > 3 else ''}); "
+        f"they were not saved. Newest good checkpoint: {newest}. Lower --lr (or keep "
+        "--grad-clip-norm) and resume from it"
+    )

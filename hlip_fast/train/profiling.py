@@ -7,12 +7,15 @@ which overlaps the backward pass. Times are the GPU's on CUDA, the host's otherw
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
+TRACE = "profile_trace.json"
+log = logging.getLogger("hlip_fast.train")
 
 
 def phase(name: str) -> record_function:
@@ -62,3 +65,35 @@ class StepProfiler:
         if self.trace is not None:
             prof.export_chrome_trace(str(self.trace))
         return {name: value / self.steps for name, value in breakdown(prof, self.device).items()}
+
+
+def run_profiler(
+    requested: int, step: int, total_steps: int, device: torch.device, run_dir: Path | None
+) -> StepProfiler:
+    """``requested`` steps (``--profile-steps``) from the second of this run (the first compiles
+    and warms up; ``step`` is where the run starts), as many as the run has; the trace goes to
+    ``run_dir`` (``None``: no trace, as on every rank but 0)."""
+    first = step + 1
+    steps = max(0, min(requested, total_steps - first))
+    if steps < requested:
+        log.warning(
+            "--profile-steps %d: this run has %d step(s) after its first, so %d are profiled",
+            requested,
+            max(0, total_steps - first),
+            steps,
+        )
+    return StepProfiler(first, steps, device, run_dir / TRACE if run_dir is not None else None)
+
+
+def profile_report(
+    steps: int, seconds: dict[str, float], device: torch.device, run_dir: Path
+) -> tuple[dict, str]:
+    """The profiled steps' mean seconds per phase as a metrics row and one console line."""
+    row = {f"profile/{name}_s": value for name, value in seconds.items()}
+    parts = ", ".join(f"{name.replace('_', ' ')} {value * 1e3:.1f} ms" for name, value in seconds.items())
+    clock = "GPU" if device.type == "cuda" else "CPU"
+    line = (
+        f"profile, per step over {steps} ({clock} time; communication overlaps the backward): {parts}; "
+        f"trace: {run_dir / TRACE}"
+    )
+    return row, line
