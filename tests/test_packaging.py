@@ -52,6 +52,16 @@ def test_the_root_imports_only_hlip_fast():
     assert importable_names(REPO) == {"hlip_fast"}
 
 
+MAX_MODULE_LINES = 400  # the README's promise: small modules, one concern each
+
+
+def test_no_module_of_the_package_is_over_400_lines():
+    sizes = {
+        str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in (REPO / "hlip_fast").rglob("*.py")
+    }
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
 # The folders the README's commands put first on ``sys.path``: the root (``python -m``), the test
 # folders (pytest prepends each folder of test files without ``__init__.py``) and ``bench/``
 # (``python bench/<script>.py``).
