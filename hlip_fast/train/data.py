@@ -90,6 +90,12 @@ class EpochPlan:
     smallest: tuple[str, int]
     grid: tuple[int, int]
 
+    def describe(self, dist: Dist, accum_freq: int, total_steps: int) -> str:
+        return (
+            f"{self.studies} training studies, about {self.steps_per_rank(dist.world_size, accum_freq)} "
+            f"steps per epoch and rank; {total_steps} steps on {dist.world_size} rank(s), {dist.device}"
+        )
+
     def steps_per_rank(self, world_size: int, accum_freq: int) -> int:
         """Steps per rank and epoch. Packing order shuffles each epoch, so an epoch may end a step
         or two earlier or later."""

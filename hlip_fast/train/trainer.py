@@ -1,19 +1,17 @@
 """The training loop and its signals; ``hlip-train`` runs it.
 
 One process on the CPU or a GPU, or one per GPU under ``torchrun`` (DDP, or FSDP2 with
-``--fsdp``). :class:`Trainer` wires the run's components, each in a module of its own: the run
-folder and resume policy (``run_folder``), the model built, wrapped and exported (``model``), one
-training step with its optimiser (``step``), the batch stream with its damaged-study budget
-(``batch_stream``), the checkpointable state over them (``training_state``), metrics rows and
-profiling (``log``, ``profiling``). Every rank runs the same number of steps: each reads its own
-shards and moves to its next epoch on its own.
+``--fsdp``); every rank runs the same number of steps over its own shards. :class:`Trainer`
+wires the components: run folder and resume policy (``run_folder``), model built, wrapped and
+exported (``model``), one step with its optimiser (``step``), the batches with their
+damaged-study budget (``batch_stream``), the checkpointable state over them
+(``training_state``), metrics rows and profiling (``log``, ``profiling``).
 
 A run never ends with wrong weights and exit 0: settings that could never train are refused
-before any work, the run folder is locked against a second trainer, a resume verifies its
-checkpoint (falling back to the newest intact one) and refuses changed settings unless
+before any work, a resume verifies its checkpoint and refuses changed settings unless
 ``--resume-override`` names them, weights are checked finite before every save, damaged
-studies stop the run or are counted against ``--max-skipped``, and SIGTERM/SIGINT stop it
-cleanly between micro-batches with a checkpoint that resumes exactly.
+studies stop the run past ``--max-skipped``, and SIGTERM/SIGINT stop it cleanly between
+micro-batches with a checkpoint that resumes exactly.
 """
 
 from __future__ import annotations
@@ -83,11 +81,7 @@ class Trainer:
         # before the optimizer: FSDP2 replaces the parameters
         self.wrapped = WrappedModel(model, dist, fsdp=cfg.fsdp, meta_init=cfg.meta_init, dtype=dtype)
         self.total_steps = total_steps(cfg, self.plan, dist.world_size)
-        self.console.say(
-            f"{self.plan.studies} training studies, about "
-            f"{self.plan.steps_per_rank(dist.world_size, cfg.accum_freq)} steps per epoch and rank; "
-            f"{self.total_steps} steps on {dist.world_size} rank(s), {dist.device}"
-        )
+        self.console.say(self.plan.describe(dist, cfg.accum_freq, self.total_steps))
         stop_requested = lambda: self._stop_requested()  # noqa: E731 - looked up at call time
         self.stepper = TrainStep.build(cfg, self.wrapped, dtype, self.total_steps, stop_requested)
         self.damaged = DamagedStudies(self.run_dir, self.plan.studies, cfg.max_skipped, dist)
@@ -249,12 +243,11 @@ class Trainer:
             raise
 
     def _log(self, metrics: MetricsLog, window: StepWindow, first: bool) -> tuple[dict, bool]:
-        """A log step: the steps since the last one, every rank's stop signal and damaged-study
-        count, the last loss and gradient norm, the non-finite counts and the temperature, over
-        ranks in one collective (:meth:`StepWindow.reduce`); writes the metrics row; saves at the
-        start of a non-finite streak (the updates of its steps were skipped: the weights from
-        before it), stops past ``--max-nonfinite`` or ``--max-skipped``. Returns the row and
-        whether a stop signal reached any rank."""
+        """A log step: the window, stop signals, damaged-study counts, non-finite counts and the
+        temperature over ranks in one collective; the metrics row; a save at the start of a
+        non-finite streak (its updates were skipped: the weights from before it); a stop past
+        ``--max-nonfinite`` or ``--max-skipped``. Returns the row and whether any rank got a
+        stop signal."""
         health = self.stepper.health
         host = {"stops": float(self.stop_signal is not None), "new_skips": float(len(self.damaged.new))}
         device = {"nonfinite": health.total, "streak": health.streak}
@@ -265,11 +258,8 @@ class Trainer:
             self.console.say(f"first step done in {seconds:.1f} s (loss {means['loss']:.4f})")
         if sums["new_skips"]:
             self._absorb_damaged()
-        skipped = len(self.damaged.skipped)
-        row = {
-            "epoch": self.stream.epoch,
-            **window.row(sums, means, seconds, skipped, self.peak, self.dist.world_size),
-        }
+        values = window.row(sums, means, seconds, len(self.damaged.skipped), self.peak, self.dist.world_size)
+        row = {"epoch": self.stream.epoch, **values}
         metrics.write(self.step, row)
         streak = means["streak"]
         if streak and self.saved_step != self.step:
