@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, nargs="*", **common)
-        else:  # choices are shown here and checked by TrainConfig.check, with every other problem
+        else:  # choices are shown here and checked by TrainConfig.problems, with every other problem
             choices = list(RECIPES) if f.name == "recipe" else choices
             metavar = "{" + ",".join(choices) + "}" if choices else None
             parser.add_argument(flag, type=_parse_optional(kind), metavar=metavar, **common)

@@ -1,7 +1,7 @@
 """The training configuration: one typed dataclass whose fields declare their help, allowed
 values, range and resume behaviour (open_clip's flag names where one exists). The value checks,
 the resume sets and ``--help`` are derived from those declarations; the rules between fields are
-listed in :meth:`TrainConfig.check`. Reading files and flags is ``cli.py``'s job, looking at the
+listed in :meth:`TrainConfig.problems`. Reading files and flags is ``cli.py``'s job, looking at the
 disk and the installed packages ``preflight.py``'s."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hlip_fast.cli_options import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from hlip_fast.data.config import DEFAULT_MAX_TOKENS
 from hlip_fast.data.shards import SHARD_SOURCES
-from hlip_fast.errors import ON_ERROR, problem_list
+from hlip_fast.errors import ON_ERROR
 
 from .recipes import RECIPES
 
@@ -228,14 +228,9 @@ class TrainConfig:
         and bias and the loss module follow it)."""
         return "siglip" if self.siglip else "clip"
 
-    def check(self) -> None:
-        """Raise ``ValueError`` listing every problem of the values: each field's declared choices
-        and range, then the rules between fields (the disk is looked at by ``preflight``)."""
-        if problems := self.problems():
-            raise ValueError(problem_list("invalid training config", problems))
-
     def problems(self) -> list[str]:
-        """Every problem of the values (empty when there is none)."""
+        """Every problem of the values (empty when there is none): each field's declared choices
+        and range, then the rules between fields (the machine is looked at by ``preflight``)."""
         return [*self._field_problems(), *self._rule_problems()]
 
     def _field_problems(self) -> list[str]:

@@ -1,6 +1,6 @@
 """What a training config needs from this machine, looked at before any work starts: the shard
 folders, the prompt files, the text model folder and its weights, the pretrained model, the
-``torch.compile`` backend. The values themselves are checked by :meth:`TrainConfig.check`."""
+``torch.compile`` backend. The values themselves are checked by :meth:`TrainConfig.problems`."""
 
 from __future__ import annotations
 
