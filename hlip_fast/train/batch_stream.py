@@ -11,8 +11,7 @@ from pathlib import Path
 from hlip_fast.data.batching import Batch
 
 from . import distributed as D
-from .health import TrainingStopped
-from .step import Interrupted
+from .health import Interrupted, TrainingStopped
 
 
 def _skip_key(record: dict) -> tuple:

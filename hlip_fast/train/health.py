@@ -1,5 +1,5 @@
 """A run's health: non-finite steps, decided and counted on the device (no host sync per step),
-and the error that stops a run whose weights or data went bad."""
+the error that stops a run whose weights or data went bad, and the stop of an abandoned step."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from hlip_fast.errors import RunStopped
 class TrainingStopped(RunStopped):
     """The run stopped before its last step (divergence, non-finite weights, too many damaged
     studies); the message says what to do."""
+
+
+class Interrupted(Exception):
+    """A stop signal arrived between the micro-batches of a step: the step is abandoned."""
 
 
 class NonfiniteSteps:

@@ -15,17 +15,13 @@ from hlip_fast.losses import build_loss
 from . import distributed as D
 from .config import TrainConfig
 from .flops import train_step_flops
-from .health import NonfiniteSteps
+from .health import Interrupted, NonfiniteSteps
 from .model import WrappedModel
 from .optim import cosine_schedule, param_groups
 from .profiling import phase
 from .random_state import rng_state, set_rng_state
 
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-class Interrupted(Exception):
-    """A stop signal arrived between the micro-batches of a step: the step is abandoned."""
 
 
 def _detached(value: torch.Tensor | None) -> torch.Tensor | None:

@@ -39,12 +39,12 @@ from .config import TrainConfig
 from .data import plan_epoch, plan_problems, reader_description, total_steps, train_loader
 from .evaluate import ZeroShotEval
 from .flops import peak_tflops
-from .health import TrainingStopped, nonfinite_weights, streak_at_end, streak_too_long
+from .health import Interrupted, TrainingStopped, nonfinite_weights, streak_at_end, streak_too_long
 from .log import MetricsLog, StepWindow
 from .model import WrappedModel, build_model, text_model_source
 from .profiling import phase, profile_report, run_profiler
 from .run_folder import RunFolder
-from .step import Interrupted, TrainStep
+from .step import TrainStep
 from .training_state import TrainingState
 
 log = logging.getLogger("hlip_fast.train")
