@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 
 import torch
@@ -195,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     print_table(rows)
+    autotuned = triton_autotuned()
+    for pick in autotuned:
+        arch = "sm_{}{}".format(*pick["capability"])
+        shape = f"{pick['dtype']} d{pick['head_dim']} m{pick['block_m']} key {pick['tuning_key']}"
+        print(f"triton autotuned: {pick['kernel']} {arch} {shape}: {pick['config']}")
     table = ranking_table(rows, args.device, str(dtype).removeprefix("torch."), args.head_dim)
     info = machine()
     tag = f"{info['device']} {info['date']}"
@@ -208,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             "compiled_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
             "results": rows,
             "auto_table": table,
+            "triton_autotuned": autotuned,
         },
     )
     with open(path.with_suffix(".csv"), "w", newline="") as f:
@@ -242,6 +249,13 @@ def print_table(rows: list[dict]) -> None:
             fmt(r["peak_mib"], 1),
         )
         print("{:<22} {:<13} {:>9} {:>9} {:>9} {:>12} {:>10} {:>9}".format(*cells))
+
+
+def triton_autotuned() -> list[dict]:
+    """The launch configs autotuning chose for the triton kernels in this run (none on the CPU)."""
+    if "hlip_fast.kernels.hier_attention" not in sys.modules:
+        return []
+    return sys.modules["hlip_fast.kernels.hier_attention"].autotuned()
 
 
 def ranking_table(rows: list[dict], device: str, dtype: str, head_dim: int) -> list[dict]:

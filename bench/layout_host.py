@@ -19,7 +19,7 @@ from common import median, write_results
 from encoder_cpu import ragged_mix
 
 from hlip_fast import LEVELS, Layout
-from hlip_fast.kernels.hier_attention import BLOCK_MS
+from hlip_fast.kernels.configs import BLOCK_MS
 from hlip_fast.kernels.tile_schedule import layout_schedule
 
 

@@ -3,8 +3,9 @@ every figure the README shows is one a script printed and recorded.
 
 Each section sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; ``NAME`` is
 the result kind (``demo``, ``encoder``, ``attention``, ``data``, ``data_ct_rate``, ``train``,
-``tile_model``, ``layout``) and its newest
-``bench/results/NAME_cpu_<date>.json`` fills it.
+``tile_model``, ``layout``, ``kernel_build``) and its newest
+``bench/results/NAME_cpu_<date>.json`` fills it (``NAME_<date>.json`` for the device-free kinds;
+``kernel_build`` shows the newest report of each triton version).
 
     python bench/readme.py            # rewrite README.md
     python bench/readme.py --check    # exit 1 and show the difference when README.md is stale
@@ -20,10 +21,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from result_files import newest_per_triton
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 README = REPO / "README.md"
-DEVICE_FREE = {"tile_model"}  # counted, not timed: the same on every machine
+DEVICE_FREE = {"tile_model", "kernel_build"}  # counted or compiled, not timed: the same on every machine
 SECTION = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 
@@ -267,6 +270,7 @@ def tile_model(path: Path, result: dict) -> str:
             r["level"],
             f"{r['mean_tokens']:,.0f}",
             f"{r['triton']:.3f} ({r['triton_block_m']})",
+            f"{r['triton_parts']:.3f}",
             f"{r['triton_class_share']:.1%}",
             f"{r['flash_varlen']:.3f}",
             f"{r['flex']:.3f}",
@@ -278,6 +282,7 @@ def tile_model(path: Path, result: dict) -> str:
         "level",
         "tokens/segment",
         "triton (item rows)",
+        "in 64-row parts",
         "class rows' share",
         "flash varlen",
         "flex",
@@ -315,6 +320,47 @@ def layout(path: Path, result: dict) -> str:
     )
 
 
+def kernel_build(path: Path, result: dict) -> str:
+    """The build report's summary, one table per triton version (the newest report of each)."""
+    del path, result  # every version's newest report, not only the newest file
+    newest_of = newest_per_triton("kernel_build")
+    header = [
+        "arch",
+        "dtype",
+        "offered",
+        "builds",
+        "spilling",
+        "over shared memory",
+        "registers",
+        "max shared / limit KB",
+        "tensor cores",
+        "programs/SM",
+    ]
+    parts = []
+    for version, file in newest_of.items():
+        report = json.loads(file.read_text())
+        rows = [
+            [
+                s["arch"],
+                s["dtype"],
+                "yes" if s["offered"] else "refused",
+                f"{s['builds']}",
+                f"{s['spilling']}" + (f" (≤ {s['max_spill_bytes']:,} B)" if s["spilling"] else ""),
+                f"{s['over_shared']}",
+                "{}–{}".format(*s["registers"]),
+                f"{s['max_shared'] / 1024:.0f} / {s['shared_limit'] / 1024:.0f}",
+                "/".join(s["tensor_cores"]),
+                "{}–{}".format(*s["programs_per_sm"]),
+            ]
+            for s in report["summary"]
+        ]
+        parts.append(
+            f"`{report['command']}` under triton {version} ({report['machine']['date']}, {_source(file)}), "
+            f"head dims {', '.join(map(str, report['head_dims']))}:\n\n" + _table(header, rows) + "\n"
+        )
+    return "\n".join(parts)
+
+
 RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "demo": demo,
     "encoder": encoder,
@@ -324,6 +370,7 @@ RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "train": train,
     "tile_model": tile_model,
     "layout": layout,
+    "kernel_build": kernel_build,
 }
 
 

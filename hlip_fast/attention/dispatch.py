@@ -67,6 +67,8 @@ class DeviceSupport:
     head_dims: tuple[int, int] = (1, 1 << 16)
     head_dim_multiple: int = 1
     backward: bool = True
+    dtype_note: str = ""
+    """Why the dtypes stop where they do, added to a dtype refusal."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Support:
     devices: dict[str, DeviceSupport]
     missing: str | None = None
     hint: str = ""
+    device_check: Callable[[torch.device], str | None] | None = None
+    """A last check of the inputs' device (e.g. a GPU's compute capability): ``None`` or why not."""
 
 
 @dataclass(frozen=True)
@@ -117,14 +121,13 @@ def unsupported_reason(support: Support, call: AttentionCall) -> str | None:
         multiple = f", a multiple of {entry.head_dim_multiple}" if entry.head_dim_multiple > 1 else ""
         return f"head_dim {head_dim} outside {low}..{high}{multiple} on {device}"
     if call.q.dtype not in entry.dtypes:
-        return (
-            f"dtype {call.q.dtype} not supported on {device} (supports {', '.join(map(str, entry.dtypes))})"
-        )
+        supported = ", ".join(map(str, entry.dtypes)) + (f"; {entry.dtype_note}" if entry.dtype_note else "")
+        return f"dtype {call.q.dtype} not supported on {device} (supports {supported})"
     if call.needs_grad and not entry.backward:
         with_backward = [d for d, e in support.devices.items() if e.backward]
         names = " or ".join(_DEVICE_NAMES.get(d, d) for d in with_backward) or "no device"
         return f"backward runs only on {names} (the {device} path is forward-only)"
-    return None
+    return support.device_check(call.q.device) if support.device_check else None
 
 
 _BACKENDS: dict[str, Backend] = {}

@@ -17,10 +17,9 @@ import torch
 
 from .dispatch import AttentionCall, Backend, DeviceSupport, Support
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETER_DTYPES = (torch.float16, torch.float32)
-HEAD_DIMS = (16, 128)
-"""Smallest and largest head dimension the kernel accepts (64 and 128 are the tuned ones)."""
+INTERPRETER_HEAD_DIMS = (16, 128)
+"""Head dims under the interpreter (on a GPU: ``hlip_fast.kernels.configs.HEAD_DIMS``)."""
 
 
 def _kernels():
@@ -115,9 +114,10 @@ def schedule_inputs(
     device, the numbers of class rows and spare rows, the item height (``INTERPRETER_BLOCK_M``
     under the interpreter; on a GPU whichever of ``BLOCK_MS`` visits least for this layout and
     level) and the segment-length bucket that keys autotuning."""
+    from hlip_fast.kernels.configs import BLOCK_MS
     from hlip_fast.kernels.tile_schedule import layout_schedule
 
-    heights = (_kernels().INTERPRETER_BLOCK_M,) if _interpreted() else _kernels().BLOCK_MS
+    heights = (_kernels().INTERPRETER_BLOCK_M,) if _interpreted() else BLOCK_MS
     schedule = layout_schedule(layout, level, class_tokens, heights)
     class_rows = layout.num_segments(level) if class_tokens else 0
     cu = layout.level(level).cu_seqlens
@@ -139,9 +139,37 @@ def _support() -> Support:
         return Support({}, missing=missing)
     if _interpreted():
         hint = "the kernels were built for TRITON_INTERPRET=1, which runs CPU tensors only"
-        return Support({"cpu": DeviceSupport(_INTERPRETER_DTYPES, head_dims=HEAD_DIMS)}, hint=hint)
+        return Support(
+            {"cpu": DeviceSupport(_INTERPRETER_DTYPES, head_dims=INTERPRETER_HEAD_DIMS)}, hint=hint
+        )
+    return gpu_support()
+
+
+def gpu_support() -> Support:
+    """What the compiled kernels serve: the dtypes, head dims and architectures whose every build
+    is spill-free (``hlip_fast.kernels.configs``)."""
+    from hlip_fast.kernels import configs
+
+    gpu = DeviceSupport(
+        tuple(getattr(torch, name) for name in configs.DTYPES),
+        head_dims=configs.HEAD_DIMS,
+        head_dim_multiple=configs.HEAD_DIM_MULTIPLE,
+        dtype_note="float32 builds spill registers, use no tensor cores: cast to bfloat16 or use flex/sdpa",
+    )
     hint = "or TRITON_INTERPRET=1 for CPU tensors"
-    return Support({"cuda": DeviceSupport(_DTYPES, head_dims=HEAD_DIMS)}, hint=hint)
+    check = lambda device: unclaimed_reason(torch.cuda.get_device_capability(device))  # noqa: E731
+    return Support({"cuda": gpu}, hint=hint, device_check=check)
+
+
+def unclaimed_reason(capability: tuple[int, int]) -> str | None:
+    """``None`` for a GPU architecture the kernels are built and checked for, else why not."""
+    from hlip_fast.kernels import configs
+
+    if configs.architecture(capability) is None:
+        major, minor = capability
+        claimed = ", ".join(configs.CLAIMED)
+        return f"compute capability {major}.{minor} is not claimed (builds checked for {claimed})"
+    return None
 
 
 backend = Backend(name="triton", run=triton_attention, support=_support, plan=_call_schedule)

@@ -6,13 +6,15 @@ gives the patch-row boundaries. Two rows attend to each other exactly when their
 Spare rows may follow (see ``Layout.class_rows_level``): the host wrappers handle them, not the
 kernels.
 
-The work follows a tile schedule (``tile_schedule.py``): each program owns one work item of one
-head, at most ``BLOCK_M`` rows of the consecutive segments ``lo..hi-1`` (the same window of each,
-described by ``items``), and visits their partners, the patch rows ``cu[lo]..cu[hi]`` then the
-class rows ``N + lo..N + hi``, ``BLOCK_N`` at a time, masked by segment. The segments of an item
-have one length, so a partner's segment is arithmetic and no per-token ids are read. Every row
-is in one item, so the forward, the query-side and (the relation being symmetric) the key-side
-backward each write a row once.
+The work follows a tile schedule (``tile_schedule.py``): each work item of one head is at most
+``BLOCK_M`` rows of the consecutive segments ``lo..hi-1`` (the same window of each, described by
+``items``); one program takes ``PART_M`` of its rows (the whole item, or half of a 128-row item,
+so that no build spills registers: ``configs.py``) and visits their partners, the patch rows
+``cu[lo]..cu[hi]`` then the class rows ``N + lo..N + hi``, ``BLOCK_N`` at a time, masked by
+segment. Launch configs come from ``configs.autotune_configs`` (autotuned on a GPU) or
+``INTERPRETER_CONFIGS``. The segments of an item have one length, so a partner's segment is
+arithmetic and no per-token ids are read. Every row is in one item, so the forward, the
+query-side and (the relation being symmetric) the key-side backward each write a row once.
 
 Softmax runs in base 2 with fp32 accumulation; the forward saves the base-2 log-sum-exp.
 Written against the triton 3.6 API, without ``tl.make_block_ptr`` (gone in 3.9).
@@ -24,21 +26,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .configs import KernelConfig, autotune_configs, block_d
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr):
-    """Item ``pid``: its rows (``count`` rows of each segment ``lo..hi-1``, ``from_end`` rows
-    before the segment's end, class row last), their mask and segments, and its partners
-    (first patch row, number of patch rows, first segment, patch rows per segment, number of
-    partner rows)."""
-    num_items = tl.num_programs(0)  # items are stored field by field: (4, num_items)
-    lo = tl.load(items + pid)
-    hi = tl.load(items + num_items + pid)
-    from_end = tl.load(items + 2 * num_items + pid)
-    count = tl.load(items + 3 * num_items + pid)
-    idx = tl.arange(0, BLOCK_M)
+def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
+    """Program ``pid``'s part of its item: ``PART_M`` of the item's rows (``count`` rows of each
+    segment ``lo..hi-1``, ``from_end`` rows before the segment's end, class row last), their mask
+    and segments; whether the part holds any row; and the item's partners (first patch row,
+    number of patch rows, first segment, patch rows per segment, number of partner rows)."""
+    parts = BLOCK_M // PART_M
+    num_items = tl.num_programs(0) // parts  # items are stored field by field: (4, num_items)
+    item = pid // parts
+    lo = tl.load(items + item)
+    hi = tl.load(items + num_items + item)
+    from_end = tl.load(items + 2 * num_items + item)
+    count = tl.load(items + 3 * num_items + item)
+    first_row = (pid % parts) * PART_M
+    idx = first_row + tl.arange(0, PART_M)
     ok = idx < (hi - lo) * count
     seg = lo + idx // count
     first = tl.load(cu + seg, mask=ok, other=0)
@@ -48,7 +55,7 @@ def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr):
     seg = tl.where(ok, seg, -1)
     p0 = tl.load(cu + lo)
     n_patch = tl.load(cu + hi) - p0
-    n_partners = n_patch + tl.where(S > 0, hi - lo, 0)
+    n_partners = tl.where(first_row < (hi - lo) * count, n_patch + tl.where(S > 0, hi - lo, 0), 0)
     seg_len = tl.maximum(n_patch // (hi - lo), 1)
     return rows, ok, seg, p0, n_patch, lo, seg_len, n_partners
 
@@ -82,18 +89,19 @@ def hier_attn_fwd_kernel(
     Q, K, V, Out, LSE, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     qk_scale, length_bucket,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
+    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M, PART_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
     q = _load_rows(Q + head * stride_qh, rows, row_ok, stride_qt, offs_d, D)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([PART_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([PART_M], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
         cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
         k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
@@ -117,11 +125,12 @@ def hier_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, qk_scale, sm_scale, length_bucket,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # The item's rows are the keys here; their partners are the queries that attend to them.
     pid, head = tl.program_id(0), tl.program_id(1)
-    cols, col_ok, seg_k, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
+    cols, col_ok, seg_k, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M, PART_M)
     offs_d = tl.arange(0, BLOCK_D)
     Q += head * stride_qh
     DO += head * stride_doh
@@ -130,8 +139,8 @@ def hier_attn_bwd_dkdv_kernel(
     k = _load_rows(K + head * stride_kh, cols, col_ok, stride_kt, offs_d, D)
     v = _load_rows(V + head * stride_vh, cols, col_ok, stride_vt, offs_d, D)
 
-    dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
         rows, row_ok, seg_q = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
         q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, D)
@@ -155,10 +164,11 @@ def hier_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, cu, items, N, S, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, length_bucket,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M)
+    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M, PART_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
@@ -167,7 +177,7 @@ def hier_attn_bwd_dq_kernel(
     lse = tl.load(LSE + head * stride_lh + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + head * stride_lh + rows, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
         cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
         k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
@@ -188,47 +198,77 @@ def hier_attn_bwd_dq_kernel(
 INTERPRETED = type(hier_attn_fwd_kernel).__name__ == "InterpretedFunction"
 """True when the kernels were built for ``TRITON_INTERPRET=1`` (CPU tensors, no autotune)."""
 
-INTERPRETER_BLOCK_M, _INTERPRETER_BLOCK_N = 16, 16
-BLOCK_MS = (64, 128)
-"""Item heights a GPU schedule may choose (per layout and level, the one that visits least)."""
+INTERPRETER_BLOCK_M = 16
+"""The item height under the interpreter (small: interpreted programs run one after another)."""
+INTERPRETER_CONFIGS = {
+    "fwd": KernelConfig(block_n=16, num_warps=1, num_stages=1),
+    "dq": KernelConfig(block_n=16, num_warps=1, num_stages=1, part_m=8),
+    "dkdv": KernelConfig(block_n=16, num_warps=1, num_stages=1, part_m=8),
+}
+"""What the interpreter runs: the backward in half items, so that CPU tests cover the split."""
+
+KERNEL_FUNCTIONS = {
+    "fwd": hier_attn_fwd_kernel, "dq": hier_attn_bwd_dq_kernel, "dkdv": hier_attn_bwd_dkdv_kernel,
+}
+_tuned: dict[tuple, object] = {}
 
 
-def _autotune_configs():
-    """Partner-tile widths, warps and stages; the item height comes with the schedule."""
+def _meta(config: KernelConfig, block_m: int) -> dict:
+    return {"BLOCK_N": config.block_n, "PART_M": config.rows_per_program(block_m)}
+
+
+def _launcher(name: str, q, block_m: int, num_items: int):
+    """``(kernel, grid, constants)`` for kernel ``name`` on ``q``'s device and dtype with items of
+    ``block_m`` rows. On a GPU the kernel is autotuned over :func:`autotune_configs` for this
+    capability, dtype, head dim and item height, keyed on the schedule's segment-length bucket
+    (so a level of short segments and one of long segments tune apart)."""
+    kernel = KERNEL_FUNCTIONS[name]
+    constants = {"BLOCK_M": block_m, "BLOCK_D": block_d(q.shape[-1]), "PRECISION": _precision(q.dtype)}
+    heads = q.shape[1]
+    if INTERPRETED:
+        constants.update(_meta(INTERPRETER_CONFIGS[name], block_m))
+        return kernel, (num_items * block_m // constants["PART_M"], heads), constants
     import torch
 
-    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
-    shapes = [(64, 8, 3), (128, 8, 2), (64, 4, 3)] if major >= 9 else [(64, 4, 2), (64, 8, 2), (32, 4, 3)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages) for n, warps, stages in shapes]
+    dtype = str(q.dtype).removeprefix("torch.")
+    key = (name, torch.cuda.get_device_capability(q.device), dtype, q.shape[-1], block_m)
+    if key not in _tuned:
+        configs = [
+            triton.Config(_meta(c, block_m), num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in autotune_configs(name, *key[1:])
+        ]
+        _tuned[key] = triton.autotune(configs=configs, key=["length_bucket"])(kernel)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return num_items * block_m // meta["PART_M"], heads
+
+    return _tuned[key], grid, constants
 
 
-_tuned: dict[str, object] = {}
+def autotuned() -> list[dict]:
+    """What autotuning chose in this process: per kernel, GPU capability, dtype, head dim, item
+    height and tuning key (the segment-length bucket), the config's name (``bench/attention.py``
+    records it beside its times)."""
+    chosen = []
+    for (name, capability, dtype, head_dim, block_m), tuner in _tuned.items():
+        for tuning_key, config in tuner.cache.items():
+            rows = config.kwargs["PART_M"]
+            part_m = rows if rows < block_m else 0
+            picked = KernelConfig(config.kwargs["BLOCK_N"], config.num_warps, config.num_stages, part_m)
+            chosen.append({
+                "kernel": name, "capability": list(capability), "dtype": dtype, "head_dim": head_dim,
+                "block_m": block_m, "tuning_key": [str(part) for part in tuning_key], "config": picked.name,
+            })
+    return chosen
 
 
-def _kernel(name: str, kernel):
-    """``kernel`` itself when interpreting; else its autotuned version, keyed on item height,
-    head dim, precision and the schedule's segment-length bucket (triton adds the tensors'
-    dtypes to the key), so a level of short segments and one of long segments tune apart."""
-    if INTERPRETED:
-        return kernel
-    if name not in _tuned:
-        key = ["BLOCK_M", "BLOCK_D", "PRECISION", "length_bucket"]
-        _tuned[name] = triton.autotune(configs=_autotune_configs(), key=key)(kernel)
-    return _tuned[name]
-
-
-def _launch_args(block_m: int) -> dict:
-    return {"BLOCK_M": block_m, **({"BLOCK_N": _INTERPRETER_BLOCK_N} if INTERPRETED else {})}
-
-
-def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+def precision_name(dtype: str) -> str:
+    """``tl.dot``'s input precision for inputs of ``dtype`` (a torch dtype's name)."""
+    return "ieee" if dtype == "float32" else "tf32"
 
 
 def _precision(dtype) -> str:
-    import torch
-
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return precision_name(str(dtype).removeprefix("torch."))
 
 
 def hier_attn_forward(
@@ -248,12 +288,11 @@ def hier_attn_forward(
     if num_spare_rows:  # not on every call: each op costs host time even on empty rows
         out[active:] = v[active:]
         lse[:, active:] = (q[active:].float() * k[active:].float()).sum(-1).t() * (scale * LOG2E)
-    grid = (items.numel() // 4, heads)
-    _kernel("fwd", hier_attn_fwd_kernel)[grid](
+    kernel, grid, constants = _launcher("fwd", q, block_m, items.numel() // 4)
+    kernel[grid](
         q, k, v, out, lse, cu, items, n, num_class_rows, dim,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, length_bucket,
-        BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m),
+        out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, length_bucket, **constants,
     )
     return out, lse
 
@@ -274,20 +313,20 @@ def hier_attn_backward(
     dv = torch.empty_like(dq)
     if num_spare_rows:
         dq[active:], dk[active:], dv[active:] = 0, 0, grad_out[active:]  # out = v on spare rows
-    grid = (items.numel() // 4, heads)
-    common = dict(BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), **_launch_args(block_m))
     inputs = (q, k, v, grad_out, lse, delta)
     schedule = (cu, items, n, num_class_rows, dim)
     strides = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1),
     )
-    _kernel("dkdv", hier_attn_bwd_dkdv_kernel)[grid](
+    kernel, grid, constants = _launcher("dkdv", q, block_m, items.numel() // 4)
+    kernel[grid](
         *inputs, dk, dv, *schedule, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), scale * LOG2E, scale, length_bucket, **common,
+        lse.stride(0), scale * LOG2E, scale, length_bucket, **constants,
     )
-    _kernel("dq", hier_attn_bwd_dq_kernel)[grid](
+    kernel, grid, constants = _launcher("dq", q, block_m, items.numel() // 4)
+    kernel[grid](
         *inputs, dq, *schedule, *strides, dq.stride(0), dq.stride(1), lse.stride(0), scale * LOG2E, scale,
-        length_bucket, **common,
+        length_bucket, **constants,
     )
     return dq, dk, dv

@@ -106,9 +106,14 @@ class TileSchedule:
         lo, hi = self.items[:, 0], self.items[:, 1]
         return self.cu[hi] - self.cu[lo] + (hi - lo) * int(self.class_rows)
 
-    def visited(self, block_n: int = MODEL_BLOCK_N) -> int:
-        """Score entries the kernels compute: a full ``block_m`` × ``block_n`` tile per step."""
-        return int(self.block_m * block_n * _ceil_div(self.partner_counts(), block_n).sum())
+    def visited(self, block_n: int = MODEL_BLOCK_N, part_m: int = 0) -> int:
+        """Score entries the kernels compute: a full ``block_m`` × ``block_n`` tile per step, or,
+        for a kernel that runs items in parts of ``part_m`` rows, such a tile per non-empty part."""
+        tiles = _ceil_div(self.partner_counts(), block_n)
+        if not part_m or part_m >= self.block_m:
+            return int(self.block_m * block_n * tiles.sum())
+        rows = (self.items[:, 1] - self.items[:, 0]) * self.items[:, 3]
+        return int(part_m * block_n * (_ceil_div(rows, part_m) * tiles).sum())
 
     def useful(self) -> int:
         """Score entries attention needs: ``(L + 1)²`` per segment with class rows, else ``L²``."""
