@@ -289,12 +289,19 @@ def _sample(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be at least 1, got {value}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="the CI gate (see above)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compiling processes")
+    parser.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, help="compiling processes")
     parser.add_argument("--no-fp32", action="store_true", help="leave out the (refused) fp32 builds")
     parser.add_argument("--candidates", action="store_true", help="compile the candidate matrix (see above)")
     parser.add_argument(

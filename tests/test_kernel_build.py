@@ -25,21 +25,17 @@ from hlip_fast.kernels.build import _ptxas_numbers  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _compiling_env() -> dict[str, str]:
-    """This process's environment without ``TRITON_INTERPRET`` (interpreted kernels do not compile)."""
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _kernel_build(flag: str, timeout: int) -> subprocess.CompletedProcess:
+    """``bench/kernel_build.py FLAG`` in this process's environment without ``TRITON_INTERPRET``
+    (interpreted kernels do not compile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "bench/kernel_build.py", flag]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_offered_build_is_spill_free_and_fits_shared_memory():
     """The CI gate, under the triton this process imports (.ci/run runs it under 3.6 too)."""
-    done = subprocess.run(
-        [sys.executable, "bench/kernel_build.py", "--check"],
-        cwd=REPO,
-        env=_compiling_env(),
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    done = _kernel_build("--check", timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"(triton {triton.__version__})" in done.stdout
     assert ", 0 spill or overflow shared memory" in done.stdout
@@ -63,14 +59,7 @@ def test_configs_are_offered_for_every_served_case(arch):
 def test_the_offered_configs_are_the_ones_chosen_from_the_recorded_candidates():
     """``configs._SHAPES`` is what ``kernel_build.py --choose`` gives from the committed
     candidate matrices (every claimed architecture, every recorded triton version)."""
-    done = subprocess.run(
-        [sys.executable, "bench/kernel_build.py", "--choose"],
-        cwd=REPO,
-        env=_compiling_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _kernel_build("--choose", timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     table = {
         f"{k} {d} {m}": [list(shape) for shape in shapes] for (k, d, m), shapes in configs._SHAPES.items()

@@ -44,6 +44,13 @@ def test_every_same_segment_pair_exactly_once(lengths, class_rows, block_m):
     assert (counts[same] == 1).all() and (counts[~same] == 0).all()
     assert schedule.useful() == int(same.sum())
     assert schedule.visited() >= schedule.useful()
+    # Items run in parts of half their height: a tile per part that holds a row.
+    part, block_n = max(block_m // 2, 1), 64
+    tiles = -(-schedule.partner_counts() // block_n)
+    held = np.array([len(schedule.rows(i)) for i in range(schedule.num_items)])
+    expected = int((-(-held // part) * part * block_n * tiles).sum())
+    assert schedule.visited(block_n, part_m=part) == expected
+    assert schedule.useful() <= expected <= schedule.visited(block_n)
 
 
 @settings(max_examples=60, deadline=None)
