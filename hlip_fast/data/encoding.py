@@ -13,7 +13,7 @@ from .config import PrepareConfig
 from .manifest import StudyEntry
 from .preprocess import preprocess_volume
 from .tokens import study_tokens
-from .volumes import read_volume
+from .volumes import open_volume
 
 
 def encode_study(
@@ -67,10 +67,9 @@ def process_study(entry: StudyEntry, config: PrepareConfig) -> StudyResult:
     for scan in entry.scans:
         try:
             modality, modality_config = config.modality(scan.modality or entry.modality)
-            volume = read_volume(scan.path, scan.spacing, config.max_voxels)
+            volume = open_volume(scan.path, scan.spacing, config.max_voxels)
             if scan.rescale is not None:
-                slope, intercept = scan.rescale
-                volume.array = volume.array * np.float32(slope) + np.float32(intercept)
+                volume.rescaled(*scan.rescale)
             stored, record = preprocess_volume(
                 volume, modality_config, config.grid, config.max_value, config.dtype, config.max_voxels
             )

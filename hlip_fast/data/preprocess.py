@@ -1,7 +1,18 @@
-"""Canonical volume → stored integer scan: intensity mapping, resampling, in-plane fit, depth clamp."""
+"""Canonical volume → stored integer scan: intensity window, resampling, in-plane fit, depth clamp.
+
+The arithmetic is done once, in float32, on as few voxels as possible. The intensity window is
+carried back into the file's stored values (so the volume's scaling and the manifest's rescale
+cost nothing per voxel), each block of input slices is converted and clipped once, resampled
+along the depth (linear, torch's weights) and in-plane (bilinear), and only then mapped to the
+stored range and rounded. Flipped axes of the canonical view are resampled unflipped and the
+small result flipped. The result equals windowing, then trilinear resampling of the whole
+float volume, to within one grey level (``tests/test_prepare_speed.py`` holds it to that).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,17 +23,23 @@ from .volumes import MAX_VOXELS, Volume, check_voxels
 if TYPE_CHECKING:
     import torch
 
+BLOCK_VOXELS = 1 << 22
+"""Input voxels converted to float32 at a time (16 MB): the only float copy of the volume."""
 
-def normalise_intensity(array: np.ndarray, config: ModalityConfig) -> np.ndarray:
-    """Map intensities to ``[0, 1]``: CT by its HU window, MRI by percentiles of non-zero voxels."""
+
+def intensity_window(volume: Volume, config: ModalityConfig) -> tuple[float, float]:
+    """The values mapped to ``0`` and to the top of the stored range: CT's HU window, or MRI's
+    percentiles of the non-zero values (computed on the stored values, then scaled)."""
     if config.window is not None:
-        low, high = config.window
-    else:
+        return config.window
+    array, slope, intercept = volume.array, volume.slope, volume.intercept
+    if (slope, intercept) == (1.0, 0.0):
         foreground = array[array != 0]
-        low, high = np.percentile(foreground if foreground.size else array, config.percentiles)
-    if high <= low:
-        return np.zeros_like(array, dtype=np.float32)
-    return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    else:
+        foreground = array[(array * np.float32(slope) + np.float32(intercept)) != 0]
+    low_p, high_p = config.percentiles if slope > 0 else config.percentiles[::-1]
+    low, high = np.percentile(foreground if foreground.size else array, (low_p, high_p))
+    return float(low * slope + intercept), float(high * slope + intercept)
 
 
 def _target_shape(
@@ -45,17 +62,38 @@ def _target_shape(
     return (depth, height, width), new_spacing
 
 
-def _centre_fit(array: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+def _centre(have: int, size: int, mirrored: bool) -> int:
+    """Start of the centred ``size`` window in ``have`` (negative: padding before), taken from the
+    other end on an axis that is flipped afterwards, so that flipping commutes with it."""
+    before = (have - size) // 2 if have >= size else -((size - have) // 2)
+    return have - size - before if mirrored else before
+
+
+def _fit(array: torch.Tensor, size: int, dim: int, mirrored: bool) -> torch.Tensor:
     """Centre-crop or zero-pad ``array`` along ``dim`` to ``size``."""
     have = array.shape[dim]
-    if have > size:
-        return array.narrow(dim, (have - size) // 2, size)
-    if have < size:
-        import torch.nn.functional as F
+    start = _centre(have, size, mirrored)
+    if start >= 0:
+        return array.narrow(dim, start, size)
+    import torch.nn.functional as F
 
-        pad = [0, 0] * (array.dim() - dim - 1) + [(size - have) // 2, size - have - (size - have) // 2]
-        return F.pad(array, pad)
-    return array
+    pad = [0, 0] * (array.dim() - dim - 1) + [-start, size - have + start]
+    return F.pad(array, pad)
+
+
+def _unflipped(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``array`` with positive strides (a view) and the axes that view flips."""
+    flips = tuple(axis for axis, stride in enumerate(array.strides) if stride < 0)
+    return (np.flip(array, flips) if flips else array), flips
+
+
+def _depth_weights(have: int, want: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output slice: the two input slices and the weight of the second, as torch's linear
+    interpolation (``align_corners=False``) computes them."""
+    scale = have / want
+    source = np.maximum((np.arange(want) + 0.5) * scale - 0.5, 0.0)
+    first = np.minimum(np.floor(source).astype(np.int64), have - 1)
+    return first, np.minimum(first + 1, have - 1), (source - first).astype(np.float32)
 
 
 def preprocess_volume(
@@ -66,29 +104,85 @@ def preprocess_volume(
     dtype: str,
     max_voxels: int = MAX_VOXELS,
 ) -> tuple[np.ndarray, dict]:
-    """The stored scan (``(D, H, W)`` integers, full range = ``[0, 1]``) and its geometry record.
-    A resampling that would exceed ``max_voxels`` (an implausible spacing) is refused. (torch is
-    imported here, not with the module, so that ``hlip-synth --help`` answers at once.)"""
-    import torch
-    import torch.nn.functional as F
-
+    """The stored scan (``(D, H, W)`` integers, full range = the intensity window) and its
+    geometry record. A resampling that would exceed ``max_voxels`` (an implausible spacing) is
+    refused. (torch is imported here, not with the module, so that ``hlip-synth --help``
+    answers at once.)"""
     shape, spacing = _target_shape(volume, config, grid)
     check_voxels(shape, max_voxels, f"resampling from spacing {volume.spacing} mm to {config.spacing} mm")
-    unit = normalise_intensity(volume.array, config)
-    tensor = torch.from_numpy(unit)[None, None]
-    if tuple(tensor.shape[2:]) != shape:
-        tensor = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
-    tensor = tensor[0, 0]
-    if config.fit == "crop":
-        tensor = _centre_fit(_centre_fit(tensor, grid[0], 1), grid[1], 2)
-    if tensor.shape[0] < config.min_depth:
-        raise ValueError(f"only {tensor.shape[0]} slices after resampling; min_depth is {config.min_depth}")
-    tensor = _centre_fit(tensor, min(tensor.shape[0], config.max_depth), 0)
-    stored = torch.round(tensor.clamp(0, 1) * max_value).numpy().astype(dtype)
+    depth = min(shape[0], config.max_depth)
+    if depth < config.min_depth:
+        raise ValueError(f"only {shape[0]} slices after resampling; min_depth is {config.min_depth}")
+    array, flips = _unflipped(volume.array)
+    low, high = intensity_window(volume, config)
+    out_shape = (depth, *grid) if config.fit == "crop" else (depth, *shape[1:])
+    stored = np.zeros(out_shape, dtype=dtype)
+    if high > low:
+        first = _centre(shape[0], depth, 0 in flips)
+        scale = _Scale((low, high), volume.slope, volume.intercept, max_value)
+        for at, planes in _resampled(array, scale, shape, range(first, first + depth), config, grid, flips):
+            stored[at : at + len(planes)] = planes.numpy()
+        if flips:
+            stored = np.ascontiguousarray(np.flip(stored, flips))
     record = {
         "shape": list(stored.shape),
         "spacing": None if spacing is None else [round(float(s), 4) for s in spacing],
         "source_shape": list(volume.array.shape),
         "source_spacing": None if volume.spacing is None else [round(float(s), 4) for s in volume.spacing],
     }
-    return np.ascontiguousarray(stored), record
+    return stored, record
+
+
+class _Scale:
+    """The intensity window in stored values (the clip bounds) and the map from there to the
+    stored integer range: the volume's and the manifest's scaling folded into one gain."""
+
+    def __init__(self, window: tuple[float, float], slope: float, intercept: float, max_value: int):
+        low, high = window
+        self.bounds = sorted(((low - intercept) / slope, (high - intercept) / slope))
+        self.gain = slope * max_value / (high - low)
+        self.offset = (intercept - low) * max_value / (high - low)
+        self.max_value = max_value
+
+
+def _resampled(
+    array: np.ndarray,
+    scale: _Scale,
+    shape: tuple[int, int, int],
+    slices: range,
+    config: ModalityConfig,
+    grid: tuple[int, int],
+    flips: tuple[int, ...],
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(position, planes)``: the output slices ``slices`` (unflipped order) block by block,
+    windowed, resampled, fitted in-plane and rounded to the stored range."""
+    import torch
+    import torch.nn.functional as F
+
+    have = array.shape[0]
+    first, second, weight = _depth_weights(have, shape[0])
+    per_block = max(1, BLOCK_VOXELS // (math.prod(array.shape[1:]) * max(1, math.ceil(have / shape[0]))))
+    for start in range(slices.start, slices.stop, per_block):
+        chunk = slice(start, min(start + per_block, slices.stop))
+        lo, hi = (
+            (chunk.start, chunk.stop)
+            if have == shape[0]
+            else (first[chunk.start], second[chunk.stop - 1] + 1)
+        )
+        block = torch.from_numpy(np.ascontiguousarray(array[int(lo) : int(hi)])).to(torch.float32)
+        block.clamp_(*scale.bounds)
+        if have == shape[0]:
+            planes = block
+        else:
+            pair = torch.from_numpy(first[chunk] - lo), torch.from_numpy(second[chunk] - lo)
+            planes = torch.lerp(
+                block[pair[0]], block[pair[1]], torch.from_numpy(weight[chunk])[:, None, None]
+            )
+        if tuple(planes.shape[1:]) != tuple(shape[1:]):
+            planes = F.interpolate(planes[:, None], size=shape[1:], mode="bilinear", align_corners=False)[
+                :, 0
+            ]
+        planes = planes.mul_(scale.gain).add_(scale.offset).round_().clamp_(0, scale.max_value)
+        if config.fit == "crop":
+            planes = _fit(_fit(planes, grid[0], 1, 1 in flips), grid[1], 2, 2 in flips)
+        yield chunk.start - slices.start, planes

@@ -2,8 +2,10 @@
 
 Canonical orientation: nibabel's closest RAS+ orientation, stored as ``(depth, height, width)``
 = (inferior→superior, anterior→posterior, patient right→left), i.e. axial slices as a
-radiologist views them. NIfTI and DICOM both go through ``nibabel.as_closest_canonical``;
-``.npy``/``.pt`` arrays are taken as already canonical ``(D, H, W)``.
+radiologist views them. NIfTI and DICOM both reach it by :func:`canonical_view` (nibabel's
+orientation of the affine, applied as a strided view); ``.npy``/``.pt`` arrays are taken as
+already canonical ``(D, H, W)``. ``prepare`` reads volumes lazily (stored values, pending
+scaling); :func:`read_volume` gives them as contiguous float32 values.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ SPACING_RANGE_MM = (0.01, 100.0)
 """Voxel spacings outside this range (in mm) are refused as implausible for CT and MRI."""
 MAX_VOXELS = 2**29
 """Default cap on a volume's voxels (2 GiB as float32), checked against its header before reading."""
-_GZIP_MAX_RATIO = 1032  # deflate cannot compress more than about 1032:1
 
 
 def check_spacing(spacing, where: str) -> tuple[float, float, float]:
@@ -49,27 +50,76 @@ def check_voxels(shape, max_voxels: int, where: str) -> None:
 
 @dataclass
 class Volume:
-    """A scan in canonical ``(D, H, W)`` order with its voxel spacing in mm (``None``: unknown)."""
+    """A scan in canonical ``(D, H, W)`` order with its voxel spacing in mm (``None``: unknown).
+
+    Its values are ``array * slope + intercept``: ``array`` may be the file's stored integers as
+    a strided view (flipped axes have negative strides), the scaling not yet applied."""
 
     array: np.ndarray
     spacing: tuple[float, float, float] | None
     description: str = ""
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def rescaled(self, slope: float, intercept: float) -> None:
+        """Compose a further ``value * slope + intercept`` (a manifest's rescale to HU)."""
+        self.slope, self.intercept = self.slope * slope, self.intercept * slope + intercept
+
+    def values(self) -> np.ndarray:
+        """The values as one contiguous float32 array (a full copy: preprocessing avoids it)."""
+        values = np.ascontiguousarray(self.array, dtype=np.float32)
+        if (self.slope, self.intercept) != (1.0, 0.0):
+            values = values * np.float32(self.slope) + np.float32(self.intercept)
+        return values
+
+
+def canonical_view(
+    array_xyz: np.ndarray, affine: np.ndarray
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``(D, H, W)`` view of an ``(x, y, z)`` array in nibabel's closest RAS+ orientation, and
+    its voxel spacing (the affine's column norms, reordered likewise)."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    ornt = io_orientation(affine)
+    ras = apply_orientation(array_xyz, ornt)  # flips and a transpose: a view
+    norms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    zooms = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt):
+        zooms[int(target)] = float(norms[axis])
+    return ras.transpose(2, 1, 0)[:, ::-1, ::-1], (zooms[2], zooms[1], zooms[0])
 
 
 def read_volume(
     path: str | Path, spacing: tuple[float, float, float] | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
-    """Read the scan at ``path``; ``spacing`` overrides/supplies the voxel size of raw arrays.
+    """The scan at ``path`` with its values as a contiguous float32 array (see :func:`open_volume`)."""
+    volume = open_volume(path, spacing, max_voxels)
+    volume.array, volume.slope, volume.intercept = volume.values(), 1.0, 0.0
+    return volume
+
+
+def open_volume(
+    path: str | Path, spacing: tuple[float, float, float] | None = None, max_voxels: int = MAX_VOXELS
+) -> Volume:
+    """Read the scan at ``path`` (a NIfTI file may be an fsspec URL), its values left lazy;
+    ``spacing`` overrides/supplies the voxel size of raw arrays.
 
     The size a file's header declares is checked against the file and against ``max_voxels``
     before anything is allocated; spacings from headers must be plausible (see
     :func:`check_spacing`; a manifest's ``spacing`` replaces a wrong one).
     """
+    from ..locations import is_url
+
+    name = str(path).lower()
+    if is_url(path):
+        if not name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"{path}: only NIfTI files (.nii, .nii.gz) are read from URLs")
+        volume = _read_nifti(path, max_voxels)
+        return _checked(volume, path, spacing)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    name = path.name.lower()
     if path.is_dir():
         volume = _read_dicom_series(path, max_voxels)
     elif name.endswith((".nii", ".nii.gz")):
@@ -82,37 +132,32 @@ def read_volume(
         volume = Volume(torch.load(path, map_location="cpu", weights_only=True).numpy(), None)
     else:
         volume = _read_dicom_file(path, max_voxels)
+    return _checked(volume, path, spacing)
+
+
+def _checked(volume: Volume, path, spacing) -> Volume:
     if spacing is not None:
         volume.spacing = check_spacing(spacing, f"{path}: given spacing")
     elif volume.spacing is not None:
         volume.spacing = check_spacing(
             volume.spacing, f"{path}: header spacing (give 'spacing' in the manifest)"
         )
-    volume.array = np.asarray(volume.array, dtype=np.float32)
-    _check_array(volume.array, path)
+    _check_array(volume, path)
     return volume
 
 
-def _check_array(array: np.ndarray, path: Path) -> None:
+def _check_array(volume: Volume, path) -> None:
+    array = volume.array
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {array.shape}")
     if min(array.shape) < 1:
         raise ValueError(f"{path}: empty volume of shape {array.shape}")
-    if not np.isfinite(array).all():
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{path}: voxels of type {array.dtype} are not numbers")
+    if not (math.isfinite(volume.slope) and math.isfinite(volume.intercept) and volume.slope != 0):
+        raise ValueError(f"{path}: scaling slope {volume.slope}, intercept {volume.intercept} is not usable")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ValueError(f"{path}: {int((~np.isfinite(array)).sum())} non-finite (NaN/inf) voxels")
-
-
-def _canonical(
-    array_xyz: np.ndarray, affine_ras: np.ndarray
-) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """RAS+ reorientation by nibabel, then ``(x, y, z)`` → ``(D, H, W)`` as described above."""
-    import nibabel as nib
-
-    image = nib.as_closest_canonical(nib.Nifti1Image(array_xyz, affine_ras))
-    data = np.asanyarray(image.dataobj, dtype=np.float32)
-    zooms = image.header.get_zooms()[:3]
-    array = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
-    return array, (float(zooms[2]), float(zooms[1]), float(zooms[0]))
 
 
 def _read_npy(path: Path, max_voxels: int) -> np.ndarray:
@@ -139,35 +184,10 @@ def _read_npy(path: Path, max_voxels: int) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _check_nifti_size(path: Path, header, max_voxels: int) -> None:
-    """The header's declared data against the cap and what the file can hold (uncompressed:
-    exactly; gzip: at most ~1032× its compressed size)."""
-    shape = header.get_data_shape()
-    check_voxels(shape, max_voxels, str(path))
-    declared = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
-    size = path.stat().st_size
-    compressed = path.name.lower().endswith(".gz")
-    if (compressed and declared > size * _GZIP_MAX_RATIO) or (not compressed and declared > size):
-        raise ValueError(
-            f"{path}: truncated or damaged: its header declares shape {tuple(shape)} "
-            f"({declared:,} bytes), the file has {size:,} bytes"
-        )
+def _read_nifti(path, max_voxels: int) -> Volume:
+    from .nifti import read_nifti
 
-
-def _read_nifti(path: Path, max_voxels: int) -> Volume:
-    import nibabel as nib
-
-    image = nib.load(path)
-    _check_nifti_size(path, image.header, max_voxels)
-    data = np.asanyarray(image.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D NIfTI, got shape {data.shape}")
-    array, spacing = _canonical(data, image.affine)
-    description = image.header.get("descrip", b"")
-    description = description.item().decode(errors="replace") if hasattr(description, "item") else ""
-    return Volume(array, spacing, description.strip("\x00 "))
+    return read_nifti(path, max_voxels)
 
 
 # -- DICOM -----------------------------------------------------------------------------------
@@ -274,7 +294,7 @@ def _from_lps(array_xyz, orientation, pixel_spacing, origin, step, description, 
     affine[:3, 2] = step
     affine[:3, 3] = origin
     affine[:2] *= -1  # LPS -> RAS
-    array, spacing = _canonical(np.asarray(array_xyz, dtype=np.float32), affine)
+    array, spacing = canonical_view(np.asarray(array_xyz, dtype=np.float32), affine)
     return Volume(array, spacing, description, skipped)
 
 
