@@ -144,7 +144,7 @@ def inflaters() -> dict:
 
     def streaming(open_stream):
         def inflate(path: Path) -> int:
-            buffer = bytearray(64 << 20)
+            buffer = bytearray(8 << 20)  # reused: the fastest way to inflate through each reader
             total = 0
             with open(path, "rb") as raw, open_stream(raw) as stream:
                 while got := stream.readinto(buffer):
@@ -250,7 +250,8 @@ def run_memory(folder: Path) -> dict:
         memory["working_over_raw"] = (memory["peak_mb"] - memory["idle_mb"]) / raw_mb
         found[method] = memory
         print(
-            f"memory {method}: peak {memory['peak_mb']:.0f} MB ({memory['working_over_raw']:.2f}x raw above idle)"
+            f"memory {method}: peak {memory['peak_mb']:.0f} MB "
+            f"({memory['working_over_raw']:.2f}x raw above idle)"
         )
     return found
 
@@ -285,7 +286,8 @@ def main() -> int:
         for r in results:
             print(f"{r['method']:>20}: {r['s_per_volume']:.3f} s/volume, {r['input_mb_per_s']:.0f} MB/s in")
         print(
-            f"hlip_fast: {summary['speedup_over_hlip']:.2f}x HLIP's method, {summary['over_floor']:.2f}x the floor"
+            f"hlip_fast: {summary['speedup_over_hlip']:.2f}x HLIP's method, "
+            f"{summary['over_floor']:.2f}x the floor"
         )
         memory = run_memory(Path(scratch)) if args.memory else None
         compressed = [path.stat().st_size / 1e6 for path, _ in rows]

@@ -23,6 +23,7 @@ from .volumes import Volume, canonical_view, check_voxels
 
 _GZIP_MAX_RATIO = 1032  # deflate cannot compress more than about 1032:1
 _TRAILER_PEEK = 1 << 16  # bytes read past the voxels so that the gzip checksum is verified
+_READ_CHUNK = 8 << 20  # gzip readers copy through a temporary of the size asked for: bound it
 
 
 def _inflaters() -> dict[str, Callable[[BinaryIO], BinaryIO]]:
@@ -54,7 +55,7 @@ INFLATER = next(iter(INFLATERS))
 def _read_exactly(stream: BinaryIO, buffer: memoryview, where: Location) -> None:
     filled = 0
     while filled < len(buffer):
-        got = stream.readinto(buffer[filled:])
+        got = stream.readinto(buffer[filled : filled + _READ_CHUNK])
         if not got:
             raise ValueError(
                 f"{where}: truncated: the header declares {len(buffer):,} bytes of voxels, "

@@ -1,7 +1,7 @@
 """A shard's side file (``shard-000000.json`` beside ``shard-000000.tar``), written and read
 here only: its studies (id, key, scan shapes, tokens) as the index lists them, the studies and
-files skipped while preparing it, and the fingerprint that tells a rerun whether the shard is
-finished; checksummed, verified on every read."""
+files skipped while preparing it, the shard's size (checked by a merge), and the fingerprint
+that tells a rerun whether the shard is finished; checksummed, verified on every read."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def write_side(
 ) -> None:
     side = {
         "path": shard.name,
+        "bytes": shard.stat().st_size,
         "fingerprint": fingerprint,
         "studies": studies,
         "skipped_studies": skipped_studies,
