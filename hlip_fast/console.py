@@ -52,7 +52,11 @@ class Progress:
         of = f"/{self.total}" if self.total is not None else ""
         extra = "".join(f" {k} {v}" for k, v in self.shown.items())
         seconds = time.perf_counter() - self.started
-        self.console.say(f"{self.desc}: {self.done}{of} {self.unit}{extra} ({seconds:.0f} s)")
+        rate = self.done / seconds if seconds > 0 else 0.0
+        timing = f"{seconds:.0f} s, {rate:.3g} {self.unit}/s"
+        if self.total is not None and rate > 0 and self.done < self.total:
+            timing += f", ETA {(self.total - self.done) / rate:.0f} s"
+        self.console.say(f"{self.desc}: {self.done}{of} {self.unit}{extra} ({timing})")
 
     def close(self) -> None:
         if self.bar is not None:

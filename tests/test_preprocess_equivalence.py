@@ -71,10 +71,11 @@ def _ct_like(rng: np.random.Generator, shape) -> np.ndarray:
     return (data + rng.normal(0, 40, shape)).clip(0, 4095).astype(np.int16)
 
 
+HU_WINDOW = (-1150.0, 350.0)
 CASES = {
-    "ct-resize": (ModalityConfig(spacing=(3.0, 1.0, 1.0), window=(-1150.0, 350.0)), (40, 44), "uint8"),
-    "ct-crop": (ModalityConfig(spacing=(2.0, 0.8, 1.3), window=(-1150.0, 350.0), fit="crop"), (30, 27), "uint8"),
-    "ct-keep-depth": (ModalityConfig(spacing=None, window=(-1000.0, 1000.0), max_depth=9), (21, 19), "uint16"),
+    "ct-resize": (ModalityConfig(spacing=(3.0, 1.0, 1.0), window=HU_WINDOW), (40, 44), "uint8"),
+    "ct-crop": (ModalityConfig(spacing=(2.0, 0.8, 1.3), window=HU_WINDOW, fit="crop"), (30, 27), "uint8"),
+    "ct-keep-depth": (ModalityConfig(window=(-1000.0, 1000.0), max_depth=9), (21, 19), "uint16"),
     "mr-upsample": (ModalityConfig(spacing=(0.7, 1.0, 1.0), percentiles=(0.5, 99.5)), (32, 30), "uint8"),
 }
 

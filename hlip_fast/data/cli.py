@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,7 +66,23 @@ def prepare_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-voxels", type=int, default=MAX_VOXELS, help="refuse larger volumes, checked on their headers"
     )
-    parser.add_argument("--workers", type=int, default=1, help="preprocessing processes")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="preprocessing processes (local, or of a local Dask cluster)"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        default="local",
+        help="where the studies are prepared: local processes, or a Dask cluster (--scheduler; without "
+        "it a local one of --workers processes); OUT must be on storage the workers share",
+    )
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="the Dask scheduler, e.g. tcp://HOST:8786")
+    parser.add_argument(
+        "--part",
+        metavar="I/K",
+        help="prepare only the I-th of K parts of the shards (array jobs); join them with "
+        "'hlip-prepare merge OUT PART_DIRS...'",
+    )
     parser.add_argument(
         "--rebuild",
         action="store_true",
@@ -74,15 +92,61 @@ def prepare_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def merge_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "hlip-prepare merge",
+        "Join the folders of 'hlip-prepare ... --part I/K' runs into one prepared folder: checks\n"
+        "that they come from one manifest and one set of flags, cover every part once and are\n"
+        "finished; shards are hard-linked (or copied), the parts are left as they are.",
+    )
+    parser.add_argument("out", type=Path, help="the merged folder")
+    parser.add_argument("parts", type=Path, nargs="+", metavar="PART_DIR", help="the part folders")
+    add_output_flags(parser)
+    return parser
+
+
+def _merge_main(argv: list[str]) -> int:
+    args = merge_parser().parse_args(argv)
+    from .parts import merge
+
+    index = merge(args.out, args.parts, Console.for_tool("hlip-prepare merge", args))
+    print(_summary(index, args.out))
+    return 0
+
+
 @command("hlip-prepare")
 def prepare_main(argv: list[str] | None = None) -> int:
-    """``hlip-prepare MANIFEST OUT``: raw studies → shards, index.json and skipped.json."""
+    """``hlip-prepare MANIFEST OUT``: raw studies → shards, index.json and skipped.json;
+    ``hlip-prepare merge OUT PART_DIRS...``: parts joined into one folder."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge"]:
+        return _merge_main(argv[1:])
     parser = prepare_parser()
     args = parser.parse_args(argv)
     if args.source_kind == "ct-rate" and args.split is None:
         parser.error("--source ct-rate needs --split train or --split valid")
     if args.source_kind == "manifest" and (args.split or args.recons):
         parser.error("--split and --recons apply to --source ct-rate only")
+    if args.scheduler and args.executor != "dask":
+        parser.error("--scheduler needs --executor dask")
+    from .parts import Part
+
+    try:
+        part = Part.parse(args.part) if args.part else None
+    except ValueError as error:
+        parser.error(str(error))
+    with ExitStack() as stack:
+        client = None
+        if args.executor == "dask":
+            from .dask_executor import dask_client
+
+            client = stack.enter_context(dask_client(args.scheduler, args.workers))
+        index = _prepare(args, part, client)
+    print(_summary(index, args.out))
+    return 0
+
+
+def _prepare(args: argparse.Namespace, part, client) -> dict:
     from .prepare import prepare
 
     config = PrepareConfig(
@@ -104,9 +168,16 @@ def prepare_main(argv: list[str] | None = None) -> int:
         ct_rate = read_ct_rate(args.input, args.split, args.recons or "each")
         console.say(ct_rate.describe())
         source = ct_rate.entries
-    index = prepare(source, args.out, config, workers=args.workers, console=console, rebuild=args.rebuild)
-    print(_summary(index, args.out))
-    return 0
+    return prepare(
+        source,
+        args.out,
+        config,
+        workers=args.workers,
+        console=console,
+        rebuild=args.rebuild,
+        part=part,
+        executor=client,
+    )
 
 
 def synth_parser() -> argparse.ArgumentParser:

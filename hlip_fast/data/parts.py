@@ -89,11 +89,11 @@ def merge(out_dir: str | Path, part_dirs: list[str | Path], console: Console | N
     out, folders = Path(out_dir), [Path(p) for p in part_dirs]
     if not folders:
         raise ValueError("merge needs the part folders to join")
-    settings = {folder: _settings(folder) for folder in folders}
-    first = folders[0]
-    whole = {k: v for k, v in settings[first].items() if k not in ("part", "checksum")}
+    settings = [(folder, _settings(folder)) for folder in folders]
+    first, first_settings = settings[0]
+    whole = {k: v for k, v in first_settings.items() if k not in ("part", "checksum")}
     owner: dict[int, Path] = {}
-    for folder, found in settings.items():
+    for folder, found in settings:
         if "part" not in found:
             raise ValueError(f"{folder}: prepared whole, not with --part; there is nothing to merge it with")
         same = {k: v for k, v in found.items() if k not in ("part", "checksum")}
@@ -103,13 +103,13 @@ def merge(out_dir: str | Path, part_dirs: list[str | Path], console: Console | N
                 "parts of one archive must come from one manifest and one set of flags"
             )
         index, count = found["part"]
-        if count != settings[first]["part"][1]:
-            theirs = settings[first]["part"][1]
+        if count != first_settings["part"][1]:
+            theirs = first_settings["part"][1]
             raise ValueError(f"{folder}: part {index}/{count}, but {first} is a part of /{theirs}")
         if index in owner:
             raise ValueError(f"{folder} and {owner[index]} overlap: both hold part {index}/{count}")
         owner[index] = folder
-    count = settings[first]["part"][1]
+    count = first_settings["part"][1]
     if missing := sorted(set(range(1, count + 1)) - set(owner)):
         raise ValueError(f"parts {', '.join(f'{i}/{count}' for i in missing)} are missing from the merge")
     per_shard = whole["config"]["studies_per_shard"]

@@ -18,6 +18,7 @@ from ..integrity import canonical, digest
 from .config import PrepareConfig
 from .encoding import StudyResult, process_study
 from .manifest import StudyEntry, read_manifest
+from .parts import Part
 from .shard_set import build_shards
 
 
@@ -44,12 +45,17 @@ def prepare(
     workers: int = 1,
     console: Console | None = None,
     rebuild: bool = False,
+    part: Part | None = None,
+    executor=None,
 ) -> dict:
     """Turn the studies of ``manifest`` into shards under ``out_dir``; returns the index
     (a bar or progress lines on ``console``, silent without one).
 
-    Resumable: finished shards are kept. A folder prepared from another manifest or with other
-    settings is refused, unless ``rebuild``: then the shards that differ are prepared again.
+    ``workers`` local processes, or a Dask cluster: ``executor`` is a ``distributed.Client``
+    (see :mod:`~hlip_fast.data.dask_executor`). With ``part``, only that part's shards (see
+    :mod:`~hlip_fast.data.parts`). Resumable: finished shards are kept. A folder prepared from
+    another manifest or with other settings is refused, unless ``rebuild``: then the shards
+    that differ are prepared again.
     """
     config = config or PrepareConfig()
     entries = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
@@ -66,4 +72,6 @@ def prepare(
         console=console,
         rebuild=rebuild,
         desc="hlip-prepare",
+        part=part,
+        executor=executor,
     )
