@@ -35,10 +35,10 @@ def prepare_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "input",
-        type=Path,
+        type=str,
         metavar="MANIFEST|ROOT",
         help=".csv or .jsonl manifest (study_id, scans, report, labels, modality), or with "
-        "--source ct-rate CT-RATE's root folder",
+        "--source ct-rate CT-RATE's root folder; either may be an fsspec URL (s3://, gs://, https://)",
     )
     parser.add_argument("out", type=Path, help="output folder (resumable: finished shards are kept)")
     parser.add_argument(

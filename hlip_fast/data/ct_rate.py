@@ -13,6 +13,10 @@ The layout read as it is:
 - ``multi_abnormality_labels/{split}_predicted_labels.csv``: ``VolumeName`` and 18 finding
   columns of 0/1, whose names are the ``ct_rate`` prompt set's findings.
 
+The root may be an fsspec URL (``s3://``, ``gs://``, ``https://``): the CSV files are found by
+their names and the volumes from the CSV rows (object stores need not list folders), each
+read with the retries of the shard reader.
+
 File names differ between releases (``valid_`` or ``validation_``; labels with or without
 ``_predicted``), so each CSV is found by pattern and the ones used are reported. A volume
 missing from any CSV, a row without its volume, a bad value and an unexpected file name become
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import read_csv_rows
+from ..locations import Location, filesystem, is_url, join, local, retrying
 from .manifest import ScanEntry, StudyEntry, check_rescale
 from .volumes import check_spacing
 
@@ -60,37 +65,46 @@ class _Volume:
     """One reconstruction: its file (``None``: a CSV row without a volume) and its rows."""
 
     name: str
-    path: Path | None
+    path: Location | None
     rows: dict[str, tuple[str, dict]]
 
 
-def read_ct_rate(root: str | Path, split: str, recons: str = "each") -> CtRate:
-    """The ``split`` (``train`` or ``valid``) of the CT-RATE release at ``root``."""
-    root = Path(root)
+def read_ct_rate(root: Location, split: str, recons: str = "each") -> CtRate:
+    """The ``split`` (``train`` or ``valid``) of the CT-RATE release at ``root`` (a folder or a URL)."""
+    root = local(root)
     if split not in SPLIT_NAMES:
         raise ValueError(f"CT-RATE split must be one of {sorted(SPLIT_NAMES)}, got {split!r}")
     if recons not in RECONS:
         raise ValueError(f"--recons must be one of {RECONS}, got {recons!r}")
-    if not root.is_dir():
+    if not is_url(root) and not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder (expected CT-RATE's root)")
     prefixes = SPLIT_NAMES[split]
     files = {
-        "metadata": _find_csv(root / "metadata", prefixes, ("metadata",)),
-        "reports": _find_csv(root / "radiology_text_reports", prefixes, ("reports",)),
-        "labels": _find_csv(root / "multi_abnormality_labels", prefixes, ("predicted_labels", "labels")),
+        "metadata": _find_csv(join(root, "metadata"), prefixes, ("metadata",)),
+        "reports": _find_csv(join(root, "radiology_text_reports"), prefixes, ("reports",)),
+        "labels": _find_csv(join(root, "multi_abnormality_labels"), prefixes, ("predicted_labels", "labels")),
     }
-    volume_dir = _find_split_folder(root, prefixes)
-    files["volumes"] = volume_dir
-
+    rows = {kind: list(_csv_rows(files[kind])) for kind in ("metadata", "reports", "labels")}
     volumes: dict[str, _Volume] = {}
     odd_names = []
-    for path in sorted(volume_dir.glob("*/*/*.nii.gz")):
-        if VOLUME_NAME.fullmatch(path.name):
-            volumes[path.name] = _Volume(path.name, path, {})
-        else:
-            odd_names.append(path)
-    for kind in ("metadata", "reports", "labels"):
-        for name, where, row in _csv_rows(files[kind]):
+    if is_url(root):
+        listed = [name for kind in rows for name, _, _ in rows[kind]]
+        volume_dir = _find_remote_split_folder(root, prefixes, listed)
+        for name in listed:
+            match = VOLUME_NAME.fullmatch(name)
+            if match and name not in volumes:
+                patient = f"{match['split']}_{match['patient']}"
+                volumes[name] = _Volume(name, f"{volume_dir}/{patient}/{patient}_{match['study']}/{name}", {})
+    else:
+        volume_dir = _find_split_folder(root, prefixes)
+        for path in sorted(volume_dir.glob("*/*/*.nii.gz")):
+            if VOLUME_NAME.fullmatch(path.name):
+                volumes[path.name] = _Volume(path.name, path, {})
+            else:
+                odd_names.append(path)
+    files["volumes"] = volume_dir
+    for kind, found in rows.items():
+        for name, where, row in found:
             volume = volumes.setdefault(name, _Volume(name, None, {}))
             volume.rows.setdefault(kind, (where, row))
 
@@ -102,8 +116,34 @@ def read_ct_rate(root: str | Path, split: str, recons: str = "each") -> CtRate:
     return CtRate(entries, files)
 
 
-def _find_csv(folder: Path, prefixes: tuple[str, ...], kinds: tuple[str, ...]) -> Path:
-    """The one CSV in ``folder`` named ``{prefix}_{kind}.csv`` (first kind that matches)."""
+def _exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return retrying(url, "existence check", lambda: fs.exists(path))
+
+
+def _find_remote_split_folder(root: str, prefixes: tuple[str, ...], names: list[str]) -> str:
+    """The split folder under a URL root that holds the first volume the CSV files name."""
+    names = [n for n in names if VOLUME_NAME.fullmatch(n)]
+    if not names:
+        raise ValueError(f"{root}: the CSV files name no CT-RATE volume")
+    match = VOLUME_NAME.fullmatch(names[0])
+    patient = f"{match['split']}_{match['patient']}"
+    looked = [name for prefix in prefixes for name in (prefix, f"{prefix}_fixed")]
+    for folder in looked:
+        if _exists(f"{root.rstrip('/')}/{folder}/{patient}/{patient}_{match['study']}/{names[0]}"):
+            return f"{root.rstrip('/')}/{folder}"
+    raise FileNotFoundError(f"{root}: {names[0]} is in none of the split folders {looked}")
+
+
+def _find_csv(folder: Location, prefixes: tuple[str, ...], kinds: tuple[str, ...]) -> Location:
+    """The one CSV in ``folder`` named ``{prefix}_{kind}.csv`` (first kind that matches); under
+    a URL, the first such name that exists."""
+    wanted = [f"{prefix}_{kind}.csv" for kind in kinds for prefix in prefixes]
+    if is_url(folder):
+        for name in wanted:
+            if _exists(join(folder, name)):
+                return join(folder, name)
+        raise FileNotFoundError(f"{folder}: none of {wanted}")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (CT-RATE's layout has it)")
     for kind in kinds:
@@ -113,7 +153,6 @@ def _find_csv(folder: Path, prefixes: tuple[str, ...], kinds: tuple[str, ...]) -
             raise ValueError(f"{folder}: several {kind} files for this split: {[p.name for p in found]}")
         if found:
             return found[0]
-    wanted = [f"{prefix}_{kind}.csv" for kind in kinds for prefix in prefixes]
     raise FileNotFoundError(f"{folder}: none of {wanted}")
 
 
@@ -125,7 +164,7 @@ def _find_split_folder(root: Path, prefixes: tuple[str, ...]) -> Path:
     raise FileNotFoundError(f"{root}: no volume folder for this split (looked for {looked})")
 
 
-def _csv_rows(path: Path) -> Iterable[tuple[str, str, dict]]:
+def _csv_rows(path: Location) -> Iterable[tuple[str, str, dict]]:
     """``(volume name, "file:line", row)`` for every row of a CT-RATE CSV."""
     for where, row in read_csv_rows(path, {"VolumeName"}):
         if name := (row.get("VolumeName") or "").strip():

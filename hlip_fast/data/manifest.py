@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import problem_list
 from ..files import parse_json, read_csv_rows, read_text
+from ..locations import Location, join, local, parent
 from .volumes import check_spacing
 
 
@@ -52,17 +53,16 @@ def _text(value, name: str, where: str, optional: bool = True) -> str | None:
     return value
 
 
-def _scan(item, base: Path, where: str) -> ScanEntry:
+def _scan(item, base: Location, where: str) -> ScanEntry:
     if isinstance(item, str):
         item = {"path": item}
     if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
         raise ValueError(f"{where}: a scan must be a path or an object with 'path', got {item!r}")
     if unknown := sorted(set(item) - {"path", "modality", "spacing", "description", "rescale"}):
         raise ValueError(f"{where}: scan {item['path']!r} has unknown field(s) {unknown}")
-    path = Path(item["path"].strip())
     spacing, rescale = item.get("spacing"), item.get("rescale")
     return ScanEntry(
-        path=str(path if path.is_absolute() else base / path),
+        path=str(join(base, item["path"].strip())),
         modality=_text(item.get("modality"), "a scan's modality", where),
         spacing=None if spacing is None else check_spacing(spacing, f"{where}: scan {item['path']!r}"),
         description=_text(item.get("description", ""), "a scan's description", where) or "",
@@ -96,7 +96,7 @@ def _labels(value, where: str) -> dict:
     return {str(k): v for k, v in value.items()}
 
 
-def _study(row: dict, base: Path, where: str) -> StudyEntry:
+def _study(row: dict, base: Location, where: str) -> StudyEntry:
     study_id = row.get("study_id")
     if isinstance(study_id, bool) or not isinstance(study_id, (str, int)) or not str(study_id).strip():
         raise ValueError(f"{where}: study_id must be non-empty text or a number, got {study_id!r}")
@@ -115,10 +115,11 @@ def _study(row: dict, base: Path, where: str) -> StudyEntry:
     )
 
 
-def _rows(path: Path) -> list[tuple[str, object]]:
+def _rows(path: Location) -> list[tuple[str, object]]:
     """``(where, row)`` for every row of a ``.jsonl`` or ``.csv`` manifest (a row that is not
     valid JSON comes as its ``ValueError``)."""
-    if path.suffix == ".jsonl":
+    suffix = PurePosixPath(str(path)).suffix
+    if suffix == ".jsonl":
         rows = []
         for n, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
@@ -129,7 +130,7 @@ def _rows(path: Path) -> list[tuple[str, object]]:
                         (f"{path}:{n}", ValueError(f"{path}:{n}:{error.colno}: invalid JSON: {error.msg}"))
                     )
         return rows
-    if path.suffix == ".csv":
+    if suffix == ".csv":
         return read_csv_rows(path, {"study_id", "scans"})
     raise ValueError(f"{path}: manifest must be .csv or .jsonl")
 
@@ -137,8 +138,9 @@ def _rows(path: Path) -> list[tuple[str, object]]:
 def read_manifest(path: str | Path) -> list[StudyEntry]:
     """Rows of a ``.csv`` (columns study_id, scans separated by ``;``, report, labels as JSON,
     modality) or ``.jsonl`` manifest; relative scan paths are taken from the manifest's folder.
-    Every bad row is reported (the first 20, with the count) in one ``ValueError``."""
-    path = Path(path)
+    Every bad row is reported (the first 20, with the count) in one ``ValueError``. The manifest
+    may be an fsspec URL; its relative scan paths are then URLs beside it."""
+    path = local(path)
     studies, problems, seen = [], [], {}
     for where, row in _rows(path):
         try:
@@ -146,7 +148,7 @@ def read_manifest(path: str | Path) -> list[StudyEntry]:
                 raise row
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-            study = _study(row, path.parent, where)
+            study = _study(row, parent(path), where)
         except ValueError as error:
             problems.append(str(error))
             continue

@@ -99,7 +99,7 @@ def read_nifti(path: Location, max_voxels: int, size_on_disk: int | None = None)
             if compressed:
                 stream.read(_TRAILER_PEEK)  # reaches the gzip trailer: its CRC and length are checked
         except (EOFError, OSError) as error:
-            raise ValueError(f"{path}: damaged gzip stream ({error})") from None
+            raise ValueError(f"{path}: damaged or not a gzip stream ({error})") from None
         finally:
             if stream is not raw:
                 stream.close()
