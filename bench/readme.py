@@ -361,12 +361,56 @@ def kernel_build(path: Path, result: dict) -> str:
     return "\n".join(parts)
 
 
+def prepare(path: Path, result: dict) -> str:
+    c, summary = result["config"], result["summary"]
+    names = {
+        "hlip": "HLIP's method (SimpleITK, HU, trilinear to 3×1×1 mm, float32 `.pt`)",
+        "hlip_fast": "`hlip-prepare --source ct-rate --grid 336 336 --workers 1`",
+    }
+    base = next(r for r in result["results"] if r["method"] == "hlip")["s_per_volume"]
+    rows = []
+    for r in result["results"]:
+        name = names.get(r["method"], f"floor: inflate only, {r['method'].removeprefix('floor-')}")
+        written = r["written_mb_per_volume"]
+        rows.append([
+            name,
+            f"{r['s_per_volume']:.3f}",
+            f"{r['volumes_per_s_per_core']:.2f}",
+            f"{r['input_mb_per_s']:.0f}",
+            "–" if written is None else f"{written:.1f}",
+            f"{base / r['s_per_volume']:.2f}×",
+        ])  # fmt: skip
+    depths = ", ".join(str(shape[0]) for shape in c["shapes"])
+    mb = sum(c["compressed_mb"]) / len(c["compressed_mb"])
+    header = ["method", "s / volume", "volumes/s per core", "MB/s in", "MB written / volume", "vs HLIP"]
+    text = (
+        f"`{result['command']}` — {_machine(result)}, one thread each, {c['volumes']} volumes of "
+        f"512×512×({depths}) int16 ({mb:.0f} MB of `.nii.gz` each), medians of {c['repeats']} passes "
+        f"({_source(path)}):\n\n"
+        + _table(header, rows)
+        + f"\n\nhlip_fast is {summary['speedup_over_hlip']:.2f}× HLIP's method and "
+        f"{summary['over_floor']:.2f}× the floor ({summary['floor'].removeprefix('floor-')})."
+    )
+    if memory := result.get("memory"):
+        ours, theirs = memory["hlip_fast"], memory["hlip"]
+        shape = "×".join(map(str, memory["shape"][::-1]))
+        text += (
+            f" Peak resident memory of one process preparing one {shape} volume "
+            f"({memory['raw_mb']:.0f} MB of int16, {memory['compressed_mb']:.0f} MB compressed): "
+            f"hlip_fast {ours['peak_mb']:.0f} MB ({ours['working_over_raw']:.2f}× the raw volume above "
+            f"the {ours['idle_mb']:.0f} MB of an idle process), HLIP's method {theirs['peak_mb']:.0f} MB "
+            f"({theirs['working_over_raw']:.2f}×)."
+        )
+    return text + "\n"
+
+
 RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "demo": demo,
     "encoder": encoder,
     "attention": attention,
     "data": data,
     "data_ct_rate": data_ct_rate,
+    "prepare": prepare,
     "train": train,
     "tile_model": tile_model,
     "layout": layout,

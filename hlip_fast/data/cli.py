@@ -31,7 +31,8 @@ def prepare_parser() -> argparse.ArgumentParser:
         "hlip-prepare",
         "Raw studies (a manifest of NIfTI, DICOM, .npy or .pt scans with reports and labels, or the\n"
         "CT-RATE release as published) -> compressed shards, index.json and skipped.json.\n"
-        "Resumable; deterministic for any --workers.",
+        "Resumable; the same bytes for any --workers, --executor or --part.\n"
+        "Joining parts: hlip-prepare merge OUT PART_DIRS... (see hlip-prepare merge --help).",
     )
     parser.add_argument(
         "input",

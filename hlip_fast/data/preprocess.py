@@ -163,26 +163,25 @@ def _resampled(
     first, second, weight = _depth_weights(have, shape[0])
     per_block = max(1, BLOCK_VOXELS // (math.prod(plane) * max(1, math.ceil(have / shape[0]))))
     inputs = np.empty((min(have, per_block * math.ceil(have / shape[0]) + 2), *plane), np.float32)
-    pairs = torch.empty((2, per_block, *plane)) if have != shape[0] else None
+    depth_resampled = torch.empty((per_block, *plane)) if have != shape[0] else None
     resized = torch.empty((per_block, 1, *shape[1:])) if tuple(plane) != tuple(shape[1:]) else None
     low, high = (np.float32(b) for b in scale.bounds)
     for start in range(slices.start, slices.stop, per_block):
-        chunk = slice(start, min(start + per_block, slices.stop))
-        n = chunk.stop - chunk.start
-        lo, hi = (
-            (chunk.start, chunk.stop) if pairs is None else (first[chunk.start], second[chunk.stop - 1] + 1)
-        )
+        chunk = range(start, min(start + per_block, slices.stop))
+        lo, hi = chunk.start, chunk.stop
+        if depth_resampled is not None:
+            lo, hi = first[chunk.start], second[chunk.stop - 1] + 1
         block = torch.from_numpy(np.clip(array[lo:hi], low, high, out=inputs[: hi - lo]))
         planes = block
-        if pairs is not None:
-            torch.index_select(block, 0, torch.from_numpy(first[chunk] - lo), out=pairs[0, :n])
-            torch.index_select(block, 0, torch.from_numpy(second[chunk] - lo), out=pairs[1, :n])
-            planes = torch.lerp(
-                pairs[0, :n], pairs[1, :n], torch.from_numpy(weight[chunk])[:, None, None], out=pairs[0, :n]
-            )
+        if depth_resampled is not None:
+            planes = depth_resampled[: len(chunk)]
+            for j, k in enumerate(chunk):  # one output slice at a time: no gathered copies
+                torch.lerp(block[first[k] - lo], block[second[k] - lo], float(weight[k]), out=planes[j])
         if resized is not None:
-            torch.ops.aten.upsample_bilinear2d.out(planes[:, None], list(shape[1:]), False, out=resized[:n])
-            planes = resized[:n, 0]
+            torch.ops.aten.upsample_bilinear2d.out(
+                planes[:, None], list(shape[1:]), False, out=resized[: len(chunk)]
+            )
+            planes = resized[: len(chunk), 0]
         planes = planes.mul_(scale.gain).add_(scale.offset).round_().clamp_(0, scale.max_value)
         if config.fit == "crop":
             planes = _fit(_fit(planes, grid[0], 1, 1 in flips), grid[1], 2, 2 in flips)
