@@ -1,6 +1,10 @@
-"""Random ragged inputs for the tests."""
+"""Random ragged inputs for the tests, and a job runner whose worker dies."""
 
 from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,3 +47,19 @@ def random_rows(
     ``level`` (or, when it names a finer level, of that level: spare rows follow ``level``'s)."""
     rows = layout.num_rows(level, class_tokens)
     return tuple(torch.randn(rows, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))
+
+
+class DiesOn:
+    """Wraps a prepare job runner (picklable, for spawned pool workers): the worker running job
+    ``target`` kills itself with SIGKILL, as the out-of-memory killer would; with a ``marker``
+    file only the first time."""
+
+    def __init__(self, run, target, marker: Path | None = None):
+        self.run, self.target, self.marker = run, target, marker
+
+    def __call__(self, job):
+        if job == self.target and (self.marker is None or not self.marker.exists()):
+            if self.marker is not None:
+                self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.run(job)

@@ -4,13 +4,13 @@ processes on loopback), each giving the same bytes as one local process."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import helpers
 import pytest
+from helpers import DiesOn
 
 from hlip_fast.data import prepare
 from hlip_fast.data.cli import prepare_main
@@ -126,27 +126,13 @@ def test_cli_parts_then_merge_equal_one_run(raw, tmp_path, capsys):
 distributed = pytest.importorskip("distributed", reason="the dask extra (hlip-fast[dask]) is not installed")
 
 
-class DiesOnce:
-    """A job runner whose worker SIGKILLs itself on job ``target`` (every time, or with a
-    ``marker`` file only the first time), as the out-of-memory killer would."""
-
-    def __init__(self, run, target: int, marker: Path | None):
-        self.run, self.target, self.marker = run, target, marker
-
-    def __call__(self, job):
-        if job == self.target and (self.marker is None or not self.marker.exists()):
-            if self.marker is not None:
-                self.marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self.run(job)
-
-
 @pytest.fixture(scope="module")
 def client():
     import cloudpickle
     import dask
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    for module in (sys.modules[__name__], helpers):  # workers cannot import tests/
+        cloudpickle.register_pickle_by_value(module)
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
@@ -162,12 +148,12 @@ def test_dask_gives_the_bytes_of_one_local_process(whole, client, tmp_path):
 
 def test_dask_retries_a_killed_worker_and_skips_a_study_that_always_kills(whole, client, tmp_path):
     settings, jobs, prints, run = synth_jobs()
-    once = DiesOnce(run, target=3, marker=tmp_path / "died-once")
+    once = DiesOn(run, target=3, marker=tmp_path / "died-once")
     build(tmp_path / "once", executor=client, run=once)
     assert (tmp_path / "died-once").exists()
     assert folder_bytes(tmp_path / "once") == folder_bytes(whole)
     assert not list((tmp_path / "once").glob("*.tmp"))
-    index = build(tmp_path / "always", executor=client, run=DiesOnce(run, target=3, marker=None))
+    index = build(tmp_path / "always", executor=client, run=DiesOn(run, target=3, marker=None))
     report = json.loads((tmp_path / "always" / "skipped.json").read_text())
     assert [s["study_id"] for s in report["studies"]] == ["study #3"]
     assert "died each time" in report["studies"][0]["reason"]

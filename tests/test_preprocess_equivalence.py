@@ -152,3 +152,26 @@ def test_damaged_gzip_streams_are_refused_naming_the_file(tmp_path):
             with pytest.raises(ValueError, match=words) as error:
                 _with_inflater(name, bad)
             assert str(bad) in str(error.value)
+
+
+def test_volumes_read_one_after_another_into_one_buffer_equal_fresh_reads(tmp_path):
+    rng = np.random.default_rng(11)
+    shapes, dtypes = (
+        [(9, 7, 5), (12, 8, 6), (4, 5, 3), (12, 8, 6)],
+        [np.int16, np.uint16, np.float32, np.int16],
+    )
+    paths = []
+    for n, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+        paths.append(tmp_path / f"v{n}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(rng.integers(0, 3000, shape).astype(dtype), _affine(rng, (1, 1, 2))), paths[-1]
+        )
+    buffer, held = nifti.VoxelBuffer(), []
+    for path in paths:
+        volume = open_volume(path, buffer=buffer)
+        np.testing.assert_array_equal(volume.values(), open_volume(path).values())
+        assert volume.values().dtype == open_volume(path).values().dtype
+        held.append(np.shares_memory(volume.array, buffer._bytes))
+    assert all(held)  # every volume lies in the buffer
+    largest = int(np.prod(shapes[1])) * 2
+    assert buffer._bytes.size == largest + largest // 2  # grown once, 1.5x ahead, then reused

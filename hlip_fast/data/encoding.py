@@ -11,6 +11,7 @@ import numpy as np
 from .codec import compress_slices
 from .config import PrepareConfig
 from .manifest import StudyEntry
+from .nifti import VoxelBuffer
 from .preprocess import preprocess_volume
 from .tokens import study_tokens
 from .volumes import open_volume
@@ -54,8 +55,9 @@ class StudyResult:
     reason: str | None = None
 
 
-def process_study(entry: StudyEntry, config: PrepareConfig) -> StudyResult:
-    """Read, preprocess and encode one study; never raises for bad input (it records why)."""
+def process_study(entry: StudyEntry, config: PrepareConfig, buffer: VoxelBuffer | None = None) -> StudyResult:
+    """Read, preprocess and encode one study; never raises for bad input (it records why).
+    NIfTI voxels are inflated into ``buffer`` when given (reused from study to study)."""
     skipped: list[dict] = []
     if entry.skip_reason is not None:
         return StudyResult(entry.study_id, None, skipped, entry.skip_reason)
@@ -67,7 +69,7 @@ def process_study(entry: StudyEntry, config: PrepareConfig) -> StudyResult:
     for scan in entry.scans:
         try:
             modality, modality_config = config.modality(scan.modality or entry.modality)
-            volume = open_volume(scan.path, scan.spacing, config.max_voxels)
+            volume = open_volume(scan.path, scan.spacing, config.max_voxels, buffer)
             if scan.rescale is not None:
                 volume.rescaled(*scan.rescale)
             stored, record = preprocess_volume(

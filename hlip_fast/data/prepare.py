@@ -18,6 +18,7 @@ from ..integrity import canonical, digest
 from .config import PrepareConfig
 from .encoding import StudyResult, process_study
 from .manifest import StudyEntry, read_manifest
+from .nifti import VoxelBuffer
 from .parts import Part
 from .shard_set import build_shards
 
@@ -28,13 +29,21 @@ def entry_fingerprint(entry: StudyEntry) -> str:
 
 
 class _Process:
-    """Picklable ``entry -> StudyResult`` for pool workers."""
+    """Picklable ``entry -> StudyResult`` for pool workers; each copy inflates into its own
+    reused voxel buffer (studies are processed one after another in a worker)."""
 
     def __init__(self, config: PrepareConfig):
         self.config = config
+        self.buffer = VoxelBuffer()
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config}  # the buffer stays behind: a copy starts its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"])
 
     def __call__(self, entry: StudyEntry) -> StudyResult:
-        return process_study(entry, self.config)
+        return process_study(entry, self.config, self.buffer)
 
 
 def prepare(

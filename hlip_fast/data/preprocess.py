@@ -171,7 +171,9 @@ def _resampled(
         lo, hi = chunk.start, chunk.stop
         if depth_resampled is not None:
             lo, hi = first[chunk.start], second[chunk.stop - 1] + 1
-        block = torch.from_numpy(np.clip(array[lo:hi], low, high, out=inputs[: hi - lo]))
+        block = inputs[: hi - lo]
+        block[...] = array[lo:hi]  # cast, then clip in float32: twice as fast as a mixed-type clip
+        block = torch.from_numpy(np.clip(block, low, high, out=block))
         planes = block
         if depth_resampled is not None:
             planes = depth_resampled[: len(chunk)]

@@ -13,8 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # nifti imports this module
+    from .nifti import VoxelBuffer
 
 _ORIENTATION_TOL = 1e-3
 _SPACING_TOL = 0.1  # relative spread of slice gaps tolerated in one series
@@ -100,10 +104,14 @@ def read_volume(
 
 
 def open_volume(
-    path: str | Path, spacing: tuple[float, float, float] | None = None, max_voxels: int = MAX_VOXELS
+    path: str | Path,
+    spacing: tuple[float, float, float] | None = None,
+    max_voxels: int = MAX_VOXELS,
+    buffer: VoxelBuffer | None = None,
 ) -> Volume:
     """Read the scan at ``path`` (a NIfTI file may be an fsspec URL), its values left lazy;
-    ``spacing`` overrides/supplies the voxel size of raw arrays.
+    ``spacing`` overrides/supplies the voxel size of raw arrays. A NIfTI's voxels go into
+    ``buffer`` when one is given (valid until its next use, see :class:`~.nifti.VoxelBuffer`).
 
     The size a file's header declares is checked against the file and against ``max_voxels``
     before anything is allocated; spacings from headers must be plausible (see
@@ -115,7 +123,7 @@ def open_volume(
     if is_url(path):
         if not name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"{path}: only NIfTI files (.nii, .nii.gz) are read from URLs")
-        volume = _read_nifti(path, max_voxels)
+        volume = _read_nifti(path, max_voxels, buffer)
         return _checked(volume, path, spacing)
     path = Path(path)
     if not path.exists():
@@ -123,7 +131,7 @@ def open_volume(
     if path.is_dir():
         volume = _read_dicom_series(path, max_voxels)
     elif name.endswith((".nii", ".nii.gz")):
-        volume = _read_nifti(path, max_voxels)
+        volume = _read_nifti(path, max_voxels, buffer)
     elif name.endswith(".npy"):
         volume = Volume(_read_npy(path, max_voxels), None)
     elif name.endswith(".pt"):
@@ -184,10 +192,10 @@ def _read_npy(path: Path, max_voxels: int) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _read_nifti(path, max_voxels: int) -> Volume:
+def _read_nifti(path, max_voxels: int, buffer: VoxelBuffer | None) -> Volume:
     from .nifti import read_nifti
 
-    return read_nifti(path, max_voxels)
+    return read_nifti(path, max_voxels, buffer=buffer)
 
 
 # -- DICOM -----------------------------------------------------------------------------------

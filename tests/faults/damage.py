@@ -1,11 +1,10 @@
-"""Damage on demand: byte flips, truncations, a user without rights, worker processes that die."""
+"""Damage on demand: byte flips, truncations, a user without rights (dying workers: ``helpers.DiesOn``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import signal
 from pathlib import Path
 
 
@@ -38,19 +37,3 @@ def without_rights():
     finally:
         os.seteuid(0)
         os.setegid(0)
-
-
-class DiesOn:
-    """Wraps a prepare job runner (picklable, for spawned pool workers): the worker running job
-    ``target`` kills itself with SIGKILL, as the out-of-memory killer would; with a ``marker``
-    file only the first time."""
-
-    def __init__(self, run, target, marker: Path | None = None):
-        self.run, self.target, self.marker = run, target, marker
-
-    def __call__(self, job):
-        if job == self.target and (self.marker is None or not self.marker.exists()):
-            if self.marker is not None:
-                self.marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self.run(job)

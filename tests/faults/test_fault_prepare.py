@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from damage import DiesOn
+from helpers import DiesOn
 from pydicom import examples
 
 from hlip_fast.data import PrepareConfig, ScanEntry, StudyEntry, prepare
