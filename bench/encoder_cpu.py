@@ -19,7 +19,12 @@ its speed-up is the ceiling of a copy-free SDPA path. After the timing, one pass
 pipeline runs under ``torch.profiler`` and its operators' own CPU time is summed by kind
 (attention, convolution, matrix products, row copies, the rest): where the two pipelines differ.
 
-    python bench/encoder_cpu.py            # prints a table, writes bench/results/encoder_cpu_<date>.json
+Variants, timed in turn on the first ``--variant-studies`` studies of the ragged mix at the same
+width: the plain encoder beside itself with 3D RoPE, and ViT-L's two schedules (24 blocks: scan
+attention with study attention at blocks 5/11/17/23, and the three-level one with slice attention
+in 16 blocks) beside each other, so each ratio compares like with like.
+
+    python bench/encoder_cpu.py            # prints tables, writes bench/results/encoder_cpu_<date>.json
 """
 
 from __future__ import annotations
@@ -34,7 +39,23 @@ from torch.profiler import profile
 
 from hlip_fast import create_model, pack_studies
 from hlip_fast.attention import sdpa
+from hlip_fast.models.registry import get_config
 from hlip_fast.padded_hlip import PaddedHLIP
+
+VARIANTS = {
+    # name: (overrides of the bench's plain encoder, the variant it is compared with)
+    "plain": ({}, None),
+    "plain + 3D RoPE": ({"rope": True}, "plain"),
+    "ViT-L schedule, scan + study": (
+        {"levels": get_config("vit_large_scan_study_dualdinotxt1568").levels},
+        None,
+    ),
+    "ViT-L schedule, slice + scan + study": (
+        {"levels": get_config("vit_large_slice_scan_study_dualdinotxt1568").levels},
+        "ViT-L schedule, scan + study",
+    ),
+}
+"""Encoder variants timed side by side (at the bench's width; ViT-L's schedules at its 24 blocks)."""
 
 
 def ragged_mix(gen: torch.Generator, studies: int) -> list[list[int]]:
@@ -149,6 +170,40 @@ def time_by_op_kind(steps: list, studies: int) -> dict[str, float]:
     return seconds
 
 
+def time_variants(args, mix: list[list[int]], gen: torch.Generator) -> list[dict]:
+    """Each of ``VARIANTS`` on the same ragged studies, timed in turn; seconds per study."""
+    depths = mix[: args.variant_studies]
+    chunks = [depths[i : i + args.batch] for i in range(0, len(depths), args.batch)]
+    steps, blocks = {}, {}
+    for name, (overrides, _) in VARIANTS.items():
+        levels = overrides.get("levels", (("scan", "scan", "study") * args.depth)[: args.depth])
+        model = create_model(
+            "vit_base_multiscan_h2_token1176",
+            embed_dim=args.embed_dim,
+            num_heads=args.heads,
+            **{**overrides, "depth": len(levels), "levels": levels},
+        ).train()
+        steps[name] = [packed_step(model, c, args.in_plane, gen)[0] for c in chunks]
+        blocks[name] = len(levels)
+    print(
+        f"[variants] timing {', '.join(VARIANTS)} in turn: "
+        f"{len(chunks)} steps x {args.variant_repeats} repeats"
+    )
+    times = time_per_study(steps, len(depths), args.variant_repeats)
+    medians = {name: median(t) for name, t in times.items()}
+    return [
+        {
+            "variant": name,
+            "blocks": blocks[name],
+            "seconds_per_study": times[name],
+            "median_seconds_per_study": medians[name],
+            "compared_with": base,
+            "ratio": medians[name] / medians[base] if base else None,
+        }
+        for name, (_, base) in VARIANTS.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fixed-depth", type=int, default=48, help="slices per scan in the padded pipeline")
     parser.add_argument("--padded-scans", type=int, default=12, help="scans per study in the padded pipeline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant-studies", type=int, default=4, help="ragged studies the variants run")
+    parser.add_argument("--variant-repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
 
@@ -229,9 +286,14 @@ def main(argv: list[str] | None = None) -> None:
         for name, seconds in r["profiled_seconds_per_study_by_op_kind"].items():
             cells = [seconds[k] for k in kinds] + [sum(seconds.values())]
             print(f"{r['case'] + ' / ' + name:<30}" + "".join(f"{c:>17.3f}" for c in cells))
+    variants = time_variants(args, ragged_mix(torch.Generator().manual_seed(args.seed), args.studies), gen)
+    print(f"\nvariants on {args.variant_studies} ragged studies (s/study, median of {args.variant_repeats}):")
+    for v in variants:
+        ratio = f"  {v['ratio']:.2f}x of {v['compared_with']}" if v["compared_with"] else ""
+        print(f"  {v['variant']:<40} {v['blocks']:>3} blocks {v['median_seconds_per_study']:>8.3f}{ratio}")
     config = {k: v for k, v in vars(args).items() if k != "no_write"}
     if not args.no_write:
-        path = write_results("encoder_cpu", {"config": config, "results": rows})
+        path = write_results("encoder_cpu", {"config": config, "results": rows, "variants": variants})
         print(f"\nwrote {path.relative_to(path.parents[2])}")
 
 

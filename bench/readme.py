@@ -126,6 +126,29 @@ def encoder(path: Path, result: dict) -> str:
         "summed by kind (row copies: gathers, concatenations, copies, fills):\n\n"
         + _op_kinds_table(result["results"])
         + "\n"
+        + _variants_table(result)
+    )
+
+
+def _variants_table(result: dict) -> str:
+    """The encoder variants timed side by side (absent from results older than them)."""
+    variants, c = result.get("variants"), result["config"]
+    if not variants:
+        return ""
+    rows = [
+        [
+            v["variant"],
+            str(v["blocks"]),
+            f"{v['median_seconds_per_study']:.3f}",
+            f"{v['ratio']:.2f}× {v['compared_with']}" if v["compared_with"] else "–",
+        ]
+        for v in variants
+    ]
+    return (
+        f"\nVariants, timed in turn on {c['variant_studies']} of the ragged studies at the same width "
+        f"({c['embed_dim']} wide, {c['heads']} heads), medians of {c['variant_repeats']} repeats:\n\n"
+        + _table(["variant", "blocks", "s/study", "vs"], rows)
+        + "\n"
     )
 
 

@@ -18,15 +18,17 @@ from .models.registry import get_config
 from .packing import StudyBatch
 from .text import TextConfig, TextTower
 
-LOSSES = ("clip", "siglip")
+LOSSES = ("clip", "siglip", "dual")
 
 
 @dataclass(frozen=True)
 class ClipConfig:
     """Everything needed to rebuild an :class:`HLIPModel` (saved as JSON with its weights).
 
-    ``loss``: ``"clip"`` (InfoNCE; temperature starts at 1/0.07) or ``"siglip"`` (sigmoid;
-    scale starts at 10 and a learnable bias at -10, as in SigLIP). ``input_mean`` and
+    ``loss``: ``"clip"`` (InfoNCE; temperature starts at 1/0.07), ``"siglip"`` (sigmoid;
+    scale starts at 10 and a learnable bias at -10, as in SigLIP) or ``"dual"`` (HLIP's dual
+    models: two InfoNCE losses, the class token against a report sentence and the register token
+    against the whole report, one temperature; needs a DINO.txt encoder with one register). ``input_mean`` and
     ``input_std`` normalise stored ``[0, 1]`` intensities as the model was trained with.
     """
 
@@ -42,6 +44,13 @@ class ClipConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.embed_dim < 1 or self.input_std <= 0:
             raise ValueError(f"need embed_dim >= 1 and input_std > 0, got {self.embed_dim}, {self.input_std}")
+        embeddings = self.vision.num_prefix_tokens if self.vision.pooling == "dinotxt" else 1
+        if (self.loss == "dual") != (embeddings == 2) or embeddings > 2:
+            raise ValueError(
+                f"loss {self.loss!r} with {embeddings} embedding(s) per study (pooling "
+                f"{self.vision.pooling!r}, {self.vision.reg_tokens} register token(s)): the dual loss "
+                "needs exactly two (pooling 'dinotxt' with reg_tokens=1), the other losses one"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,7 +65,12 @@ class ClipConfig:
 
 class HLIPModel(nn.Module):
     """``encode_study(batch)`` and ``encode_text(texts or tokens)`` give L2-normalised
-    ``(n, embed_dim)`` embeddings; ``forward`` returns both with the exponentiated scale."""
+    ``(n, embed_dim)`` embeddings; ``forward`` returns both with the exponentiated scale.
+
+    A dual model (``loss="dual"``) embeds each study twice: ``forward`` gives ``(n, 2, E)`` study
+    and text features (texts interleaved: sentence, report, sentence, report, ...), and
+    ``encode_study`` the report-level embedding (the register token's), the one that meets whole
+    reports and prompt sets."""
 
     def __init__(self, config: ClipConfig, vision_device: torch.device | str | None = None) -> None:
         """``vision_device="meta"`` builds the vision side (encoder and projection) without
@@ -66,7 +80,7 @@ class HLIPModel(nn.Module):
         self.config = config
         with torch.device(vision_device) if vision_device is not None else contextlib.nullcontext():
             self.visual = HLIPVisionEncoder(config.vision)
-            self.visual_proj = nn.Linear(config.vision.embed_dim, config.embed_dim, bias=False)
+            self.visual_proj = nn.Linear(config.vision.num_features, config.embed_dim, bias=False)
         self.text = TextTower(config.text, config.embed_dim)
         siglip = config.loss == "siglip"
         # Shape (1,), not scalars: FSDP2 shards only parameters with at least one dimension.
@@ -78,6 +92,7 @@ class HLIPModel(nn.Module):
 
     def encode_study(self, batch: StudyBatch | torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.visual_proj(self.visual(batch))
+        features = features[:, -1] if features.dim() == 3 else features  # dual: the report-level one
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(
@@ -89,10 +104,15 @@ class HLIPModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, batch: StudyBatch, texts: Sequence[str] | dict[str, torch.Tensor]) -> dict:
-        """``study_features``, ``text_features`` (normalised), ``logit_scale`` (exp), ``logit_bias``."""
+        """``study_features``, ``text_features`` (normalised), ``logit_scale`` (exp), ``logit_bias``;
+        for a dual model both features ``(n, 2, E)`` (see the class docstring)."""
+        study = F.normalize(self.visual_proj(self.visual(batch)), dim=-1)
+        text = self.encode_text(texts)
+        if self.config.loss == "dual":
+            text = text.unflatten(0, (-1, 2))
         return {
-            "study_features": self.encode_study(batch),
-            "text_features": self.encode_text(texts),
+            "study_features": study,
+            "text_features": text,
             "logit_scale": self.logit_scale.exp(),
             "logit_bias": self.logit_bias,
         }

@@ -197,15 +197,16 @@ class Layout:
             self.cache[key] = build()
         return self.cache[key]
 
-    def class_rows_level(self, level: str, rows: int) -> str | None:
+    def class_rows_level(self, level: str, rows: int, prefix: int = 1) -> str | None:
         """The level whose segments number the class-token copies of a ``level`` tensor with
         ``rows`` rows (``None``: it has none), or a ``ValueError``.
 
-        Such a tensor holds the patch tokens, then optionally class-token copies: one per segment
-        of ``level``, or one per segment of a finer level. In the latter case the rows past
-        ``level``'s copies are *spare*: each is a segment of its own, one row long, so that a
-        model can keep the copies of its finest level in place while it attends coarser (a level
-        switch then never moves the patch rows).
+        Such a tensor holds the patch tokens, then optionally class-token copies: ``prefix``
+        (the prefix tokens: class token and registers) per segment of ``level``, or per segment
+        of a finer level, segment by segment (segment ``s``'s copies are rows ``N + s·prefix``
+        onwards). In the latter case the rows past ``level``'s copies are *spare*: each is a
+        segment of its own, one row long, so that a model can keep the copies of its finest level
+        in place while it attends coarser (a level switch then never moves the patch rows).
         """
         tokens = self.num_tokens
         # Branches only: traced with symbolic sizes, they give a plain answer (and guards) that
@@ -214,28 +215,29 @@ class Layout:
             return None
         finer = LEVELS[: LEVELS.index(check_level(level)) + 1]
         for copies_of in reversed(finer):
-            if rows == tokens + self.num_segments(copies_of):
+            if rows == tokens + prefix * self.num_segments(copies_of):
                 return copies_of
-        counts = ", ".join(f"{tokens + self.num_segments(lv)} ({lv})" for lv in finer)
+        counts = ", ".join(f"{tokens + prefix * self.num_segments(lv)} ({lv})" for lv in finer)
         raise ValueError(
             f"a {level} tensor has {rows} rows; the layout has {tokens} tokens, so expected {tokens} "
-            f"(no class tokens) or the tokens plus one class-token copy per segment of {level} or a "
-            f"finer level: {counts}"
+            f"(no class tokens) or the tokens plus {prefix} class-token cop{'y' if prefix == 1 else 'ies'} "
+            f"per segment of {level} or a finer level: {counts}"
         )
 
-    def num_rows(self, level: str, class_tokens: bool | str = False) -> int:
-        """Rows of a ``level`` tensor: the patch tokens, plus with ``class_tokens`` one class-token
-        copy per segment of ``level`` (``True``) or of the finer level it names (spare rows)."""
+    def num_rows(self, level: str, class_tokens: bool | str = False, prefix: int = 1) -> int:
+        """Rows of a ``level`` tensor: the patch tokens, plus with ``class_tokens`` ``prefix``
+        class-token copies per segment of ``level`` (``True``) or of the finer level it names."""
         copies_of = _copies_level(level, class_tokens)
-        return self.num_tokens + (self.num_segments(copies_of) if copies_of else 0)
+        return self.num_tokens + (prefix * self.num_segments(copies_of) if copies_of else 0)
 
-    def segment_ids(self, level: str, class_tokens: bool | str = False) -> torch.Tensor:
+    def segment_ids(self, level: str, class_tokens: bool | str = False, prefix: int = 1) -> torch.Tensor:
         """Segment id (int32) of every row of a level's packed tensor, made on the layout's
         device from ``cu_seqlens`` (no host work per token) and cached.
 
-        Rows are the patch tokens, then, with ``class_tokens``, one class-token copy per segment;
-        when ``class_tokens`` names a finer level, as many copies as it has segments: those past
-        ``level``'s are spare rows, each a segment of its own (see :meth:`class_rows_level`).
+        Rows are the patch tokens, then, with ``class_tokens``, ``prefix`` class-token copies per
+        segment; when ``class_tokens`` names a finer level, as many copies as it has segments:
+        those past ``level``'s are spare rows, each a segment of its own (ids from
+        ``level``'s segment count on; see :meth:`class_rows_level`).
         """
         copies_of = _copies_level(level, class_tokens)
 
@@ -243,14 +245,17 @@ class Layout:
             if copies_of and LEVELS.index(check_level(copies_of)) > LEVELS.index(level):
                 raise ValueError(f"class-token copies of {copies_of} are coarser than the level {level}")
             lv = self.level(level)
-            count = self.num_segments(copies_of or level)  # segments, then spare rows
-            segments = torch.arange(count, dtype=torch.int32, device=self.device)
+            spare = prefix * (self.num_segments(copies_of or level) - lv.num_segments)
+            segments = torch.arange(lv.num_segments + spare, dtype=torch.int32, device=self.device)
             ids = torch.repeat_interleave(
                 segments[: lv.num_segments], lv.cu_seqlens.diff(), output_size=self.num_tokens
             )
-            return torch.cat([ids, segments]) if copies_of else ids
+            if not copies_of:
+                return ids
+            copies = segments[: lv.num_segments].repeat_interleave(prefix)
+            return torch.cat([ids, copies, segments[lv.num_segments :]])
 
-        return self.cached(("segment_ids", level, copies_of), build)
+        return self.cached(("segment_ids", level, copies_of, prefix), build)
 
     def parent_ids(self, fine: str, coarse: str) -> torch.Tensor:
         """For each segment of level ``fine``, the index (int64) of the ``coarse`` segment that

@@ -76,13 +76,37 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(labels * logits).sum() / n
 
 
+class DualClipLoss(nn.Module):
+    """HLIP's dual loss: ``image`` and ``text`` are ``(n, 2, E)``; the first study embedding
+    against its report sentence and the second against its whole report, two CLIP losses with
+    one temperature, weighted 0.5 each. Across ranks as :class:`ClipLoss`."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False):
+        super().__init__()
+        self.clip = ClipLoss(local_loss, gather_with_grad)
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: None = None
+    ) -> torch.Tensor:
+        if image.dim() != 3 or image.shape[1] != 2 or text.shape != image.shape:
+            raise ValueError(
+                f"the dual loss takes (n, 2, E) study and text features, got {tuple(image.shape)} "
+                f"and {tuple(text.shape)}"
+            )
+        sentence = self.clip(image[:, 0], text[:, 0], logit_scale, logit_bias)
+        report = self.clip(image[:, 1], text[:, 1], logit_scale, logit_bias)
+        return 0.5 * sentence + 0.5 * report
+
+
 def build_loss(kind: str, *, local_loss: bool = False, gather_with_grad: bool = False) -> nn.Module:
-    """The loss of a model whose ``ClipConfig.loss`` is ``kind``; either is called as
-    ``loss(image, text, logit_scale, logit_bias)`` (``logit_bias`` ``None`` for CLIP).
-    ``local_loss`` and ``gather_with_grad`` are the CLIP loss's (SigLIP always gathers with
-    gradients and scores its own rows)."""
+    """The loss of a model whose ``ClipConfig.loss`` is ``kind``; each is called as
+    ``loss(image, text, logit_scale, logit_bias)`` (``logit_bias`` ``None`` but for SigLIP).
+    ``local_loss`` and ``gather_with_grad`` are the CLIP and dual losses' (SigLIP always gathers
+    with gradients and scores its own rows)."""
     if kind == "siglip":
         return SigLipLoss()
     if kind == "clip":
         return ClipLoss(local_loss, gather_with_grad)
-    raise ValueError(f"unknown loss {kind!r}; expected 'clip' or 'siglip'")
+    if kind == "dual":
+        return DualClipLoss(local_loss, gather_with_grad)
+    raise ValueError(f"unknown loss {kind!r}; expected 'clip', 'siglip' or 'dual'")

@@ -5,6 +5,13 @@ Own format: a folder with ``model.safetensors`` (weights, read without unpicklin
 encoder config, so the folder needs nothing else) and ``checksums.json`` (every other file's
 checksum, verified on load). Original HLIP checkpoints are open_clip ``CustomTextCLIP`` state
 dicts; ``.pt`` files are only ever read with ``weights_only=True``.
+
+Upstream's quirks, and what they do to converted outputs: its final ``_slice2study`` call swaps
+its scan and slice counts, which changes nothing (only their product is used); its DINO.txt head
+keeps one ``(prefix, 2C)`` row per prefix token (hlip_fast returns ``(2C,)`` for a single prefix
+token, the same numbers); its RoPE encoder averages the prefix tokens before the head (only its
+one-prefix config exists, where that is the identity) and computes rotation angles in the
+activations' dtype (see :mod:`hlip_fast.layers.rope`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ from .models import VisionConfig
 from .models.registry import get_config
 from .text import TextConfig
 
+HLIP_HUB_MODELS: dict[str, str] = {
+    "zch0414/hlip-2025_10_08": "ablate_seqposemb_vit_base_multiscan_h2_dinotxt1568",
+    "zch0414/clip-vit_large-scan_study-dualdinotxt1568": "vit_large_scan_study_dualdinotxt1568",
+    "zch0414/clip-vit_base-slice_scan_study-dualdinotxt1568": "vit_base_slice_scan_study_dualdinotxt1568",
+}
+"""Hugging Face repos of HLIP's released weights (the ``zch0414/hlip`` collection, as its README
+names them in 2026-04) and the encoder each was trained as. hlip_fast downloads nothing: fetch a
+repo (``huggingface-cli download REPO``), then ``load_hlip_checkpoint(its model.safetensors,
+that name, a local copy of its text model)``. Its README writes the blog's model id both as
+``hlip-2025_10_08`` and ``hlip-2025-10-08``; the collection lists the others."""
+
 WEIGHTS, CONFIG, TEXT_DIR, CHECKSUMS = "model.safetensors", "config.json", "text", "checksums.json"
 log = logging.getLogger(__name__)
 FORMAT = "hlip_fast.clip/1"
@@ -40,7 +58,7 @@ FORMAT = "hlip_fast.clip/1"
 _HLIP_RULES: list[tuple[re.Pattern, str | None]] = [
     (re.compile(p), r)
     for p, r in [
-        (r"visual\.trunk\.(cls_token|spatial_posemb|sequential_posemb)", r"visual.\1"),
+        (r"visual\.trunk\.(cls_token|reg_token|spatial_posemb|sequential_posemb)", r"visual.\1"),
         (r"visual\.trunk\.(patch_embed\.proj\.(?:weight|bias))", r"visual.\1"),
         (r"visual\.trunk\.(blocks\.\d+\..+)", r"visual.\1"),
         (r"visual\.trunk\.(norm\.(?:weight|bias))", r"visual.\1"),
@@ -118,9 +136,15 @@ def _load_weights(model: HLIPModel, state: Mapping[str, torch.Tensor], source: s
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
+        first = (
+            shapes
+            or [f"{k}: in the model, not the checkpoint" for k in missing]
+            or [f"{k}: unexpected" for k in unexpected]
+        )[0]
         raise ValueError(
-            f"{source} does not fit the model (is the vision config or text model right?): "
-            f"missing {missing[:8]}, unexpected {unexpected[:8]}, shape (checkpoint vs model) {shapes[:8]}"
+            f"{source} does not fit the model (is the vision config or text model right?): first "
+            f"mismatch {first}; missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"shape (checkpoint vs model) {shapes[:8]}"
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 

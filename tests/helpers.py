@@ -42,10 +42,11 @@ def random_rows(
     dim: int = 16,
     dtype: torch.dtype = torch.float64,
     requires_grad: bool = False,
+    prefix: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random q, k, v with a row per token, plus with ``class_tokens`` one per segment of
+    """Random q, k, v with a row per token, plus with ``class_tokens`` ``prefix`` per segment of
     ``level`` (or, when it names a finer level, of that level: spare rows follow ``level``'s)."""
-    rows = layout.num_rows(level, class_tokens)
+    rows = layout.num_rows(level, class_tokens, prefix)
     return tuple(torch.randn(rows, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))
 
 

@@ -27,36 +27,37 @@ EDGE_LAYOUT = dict(
 )
 
 
-def run_backend(backend, q, k, v, layout, level, grad_out):
+def run_backend(backend, q, k, v, layout, level, grad_out, prefix=1):
     q, k, v = (t.detach().requires_grad_(grad_out is not None) for t in (q, k, v))
-    out = hier_attention(q, k, v, layout, level, backend=backend)
+    out = hier_attention(q, k, v, layout, level, backend=backend, prefix=prefix)
     if grad_out is None:
         return out.detach(), None
     out.backward(grad_out)
     return out.detach(), tuple(t.grad for t in (q, k, v))
 
 
-def runnable(backend, q, k, v, layout, level) -> tuple[bool, bool]:
+def runnable(backend, q, k, v, layout, level, prefix=1) -> tuple[bool, bool]:
     """Whether ``backend`` runs these inputs forward here (else the test skips, saying why) and
     whether it also runs backward."""
     with torch.no_grad():
-        reason = available_backends(q, k, v, layout, level)[backend]
+        reason = available_backends(q, k, v, layout, level, prefix)[backend]
     if reason is not None:
         pytest.skip(f"{backend} unavailable here: {reason}")
     grads = [t.detach().requires_grad_() for t in (q, k, v)]
-    return True, available_backends(*grads, layout, level)[backend] is None
+    return True, available_backends(*grads, layout, level, prefix)[backend] is None
 
 
 def check_against_reference(
-    backend, layout, level, class_tokens, dtype, device="cpu", tolerance=None, dim=16
+    backend, layout, level, class_tokens, dtype, device="cpu", tolerance=None, dim=16, prefix=1
 ):
-    q, k, v = random_rows(layout, level, class_tokens, dim=dim)
+    q, k, v = random_rows(layout, level, class_tokens, dim=dim, prefix=prefix)
     grad_out = torch.randn_like(q)
-    expected, expected_grads = run_backend("reference", q, k, v, layout, level, grad_out)
+    expected, expected_grads = run_backend("reference", q, k, v, layout, level, grad_out, prefix)
     layout = layout.to(device)
     cast = [t.to(device, dtype) for t in (q, k, v)]
-    _, with_grad = runnable(backend, *cast, layout, level)
-    out, grads = run_backend(backend, *cast, layout, level, grad_out.to(device, dtype) if with_grad else None)
+    _, with_grad = runnable(backend, *cast, layout, level, prefix)
+    grad = grad_out.to(device, dtype) if with_grad else None
+    out, grads = run_backend(backend, *cast, layout, level, grad, prefix)
     rtol, atol = tolerance or TOLERANCE[dtype]
     torch.testing.assert_close(out.double().cpu(), expected, rtol=rtol, atol=atol)
     if with_grad:
@@ -71,6 +72,36 @@ def test_backend_matches_reference_fp32(backend, level, class_tokens, rng):
     for _ in range(3):
         layout = random_layout(rng)
         check_against_reference(backend, layout, level, class_tokens, torch.float32)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("class_tokens", [True, "slice"])
+def test_backend_matches_reference_with_register_tokens(backend, level, class_tokens, rng):
+    """Three prefix tokens (class + 2 registers) per segment, spare ones at coarser levels."""
+    for _ in range(2):
+        check_against_reference(backend, random_layout(rng), level, class_tokens, torch.float32, prefix=3)
+
+
+def test_reference_with_register_tokens_is_masked_dense_attention(rng):
+    """The reference with ``prefix`` copies per segment equals dense softmax attention under the
+    mask "same segment", the copies of segment ``s`` being rows ``N + s·prefix`` onwards."""
+    layout = random_layout(rng)
+    n = layout.num_tokens
+    for level in LEVELS:
+        q, k, v = random_rows(layout, level, "slice", prefix=2)
+        segment = torch.full((q.shape[0],), -1, dtype=torch.int64)
+        cu = layout.level(level).cu_seqlens.tolist()
+        for s, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+            segment[a:b] = s
+            segment[n + 2 * s : n + 2 * s + 2] = s
+        spare = segment == -1
+        segment[spare] = -2 - torch.arange(int(spare.sum()))  # each spare row alone
+        scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
+        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        out = hier_attention(q, k, v, layout, level, backend="reference", prefix=2)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -271,7 +302,8 @@ def test_backend_matches_reference_cuda(backend, dtype, level, class_tokens, rng
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("class_tokens", [False, True, "slice"])
-def test_varlen_plan_makes_segments_contiguous(level, class_tokens, rng):
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_varlen_plan_makes_segments_contiguous(level, class_tokens, prefix, rng):
     """The gather plan of the flash/torch_varlen/xformers backends, checked on the CPU with a
     plain per-segment attention standing in for their CUDA kernels."""
     from hlip_fast.attention.varlen import run_varlen
@@ -286,9 +318,9 @@ def test_varlen_plan_makes_segments_contiguous(level, class_tokens, rng):
         return torch.cat(parts)
 
     layout = random_layout(rng)
-    q, k, v = random_rows(layout, level, class_tokens)
-    out = run_varlen(_make_call(q, k, v, layout, level, None), contiguous_attention)
-    expected = hier_attention(q, k, v, layout, level, backend="reference")
+    q, k, v = random_rows(layout, level, class_tokens, prefix=prefix)
+    out = run_varlen(_make_call(q, k, v, layout, level, None, prefix), contiguous_attention)
+    expected = hier_attention(q, k, v, layout, level, backend="reference", prefix=prefix)
     torch.testing.assert_close(out, expected)
 
 

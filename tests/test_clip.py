@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import BertModel
 
 import hlip_fast
-from hlip_fast import create_clip, load_hlip_checkpoint, pack_studies
+from hlip_fast import VisionConfig, create_clip, load_hlip_checkpoint, pack_studies
 from hlip_fast.losses import ClipLoss, SigLipLoss
 from hlip_fast.padded_hlip import OriginalHLIPClip
 
@@ -68,9 +69,14 @@ def test_own_format_round_trip_needs_no_pickle(tiny_text, tmp_path):
         hlip_fast.load_pretrained(tmp_path)
 
 
-def original_model(config_name: str, text_path: str, embed_dim: int = 12, pooler: bool = True):
-    """An original-layout HLIP CLIP with random weights everywhere (its posembs included)."""
-    vision = hlip_fast.models.registry.get_config(config_name)
+def original_model(config_name, text_path: str, embed_dim: int = 12, pooler: bool = True):
+    """An original-layout HLIP CLIP with random weights everywhere (its posembs included), of a
+    config name or a ``VisionConfig``."""
+    vision = (
+        config_name
+        if isinstance(config_name, VisionConfig)
+        else hlip_fast.models.registry.get_config(config_name)
+    )
     bert = BertModel.from_pretrained(text_path, add_pooling_layer=pooler)
     original = OriginalHLIPClip(vision, bert, embed_dim).eval()
     with torch.no_grad():
@@ -85,6 +91,7 @@ def original_model(config_name: str, text_path: str, embed_dim: int = 12, pooler
         ("vit_tiny_multiscan_h2", "pt", True),
         ("vit_tiny_multiscan_h3", "safetensors", False),
         ("vit_tiny_singlescan_h2", "pt", False),
+        ("vit_tiny_multiscan_h3_dualdinotxt", "safetensors", True),
     ],
 )
 def test_original_checkpoint_gives_the_original_outputs(tiny_text, tmp_path, name, fmt, pooler, seed):
@@ -111,6 +118,38 @@ def test_original_checkpoint_gives_the_original_outputs(tiny_text, tmp_path, nam
     torch.testing.assert_close(got_study, want_study, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_text, want_text, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.logit_scale, original.logit_scale.reshape(1))  # (1,): FSDP2-shardable
+
+
+LATER_HLIP = [
+    "vit_base_slice_scan_dualdinotxt2744",
+    "ablate_seqposemb_vit_base_multiscan_h2_dinotxt1568",
+    "vit_large_slice_scan_study_dualdinotxt1568",
+]
+
+
+@pytest.mark.parametrize("name", LATER_HLIP)
+def test_later_hlip_checkpoints_load_and_give_the_original_outputs(tiny_text, tmp_path, name, seed):
+    """Upstream-shaped state dicts of the later configs (at width 48: the names and the shapes
+    that follow from the config, random weights) load and give the original model's outputs."""
+    path, _ = tiny_text
+    full = hlip_fast.models.registry.get_config(name)
+    small = tuple(2 * p for p in full.patch_size)
+    vision = dataclasses.replace(full, embed_dim=48, num_heads=2, mlp_ratio=2.0, img_size=small)
+    original, _ = original_model(vision, path)
+    state = original.state_dict()
+    assert ("visual.trunk.reg_token" in state) == bool(full.reg_tokens)
+    assert state["visual.head.proj.weight"].shape == (12, vision.num_features)
+    torch.save({"state_dict": state}, tmp_path / "ckpt.pt")
+    model = load_hlip_checkpoint(tmp_path / "ckpt.pt", vision, path)
+    volumes = torch.randn(2, 1 if full.max_num_scans == 1 else 3, 1, 2 * full.patch_size[0], *small[1:])
+    with torch.no_grad():
+        want = original.encode_image(volumes)
+        got = model.encode_study(pack_studies([list(v) for v in volumes], vision.patch_size))
+    assert got.shape == want.shape == ((2, 12) if full.reg_tokens == 0 else (2, 2, 12))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    other = dataclasses.replace(vision, reg_tokens=1 - full.reg_tokens)
+    with pytest.raises(ValueError, match=r"first mismatch visual\.reg_token"):
+        load_hlip_checkpoint(tmp_path / "ckpt.pt", other, path)
 
 
 def test_unknown_layouts_are_refused_by_name(tiny_text, tmp_path):

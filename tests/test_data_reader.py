@@ -70,6 +70,32 @@ def test_train_augmentation_seeded_per_epoch(corpus):
     assert all(s.shape[1:] == (24, 16) for s in evaluated.scans) and evaluated.report == raw.meta["report"]
 
 
+def test_dual_models_sentences_are_seeded_drawn_last_and_interleaved_with_reports(corpus):
+    plain = TransformConfig(crop=(24, 16), jitter=0.1, seed=5)
+    dual = replace(plain, sentences=True)
+    raws = list(RawStudies(corpus))[:6]
+    drawn = []
+    for raw in raws:
+        scans = decode_cpu(raw)
+        a, b, without = (to_study(raw, scans, c, True, 0) for c in (dual, dual, plain))
+        assert a.sentence == b.sentence and without.sentence is None
+        assert a.sentence in raw.meta["report"] and a.report == without.report  # the other draws unchanged
+        assert a.intensity == without.intensity and all(
+            torch.equal(x, y) for x, y in zip(a.scans, without.scans)
+        )
+        first = raw.meta["report"].split(". ")[0]
+        assert to_study(raw, scans, dual, False, 0).sentence.rstrip(".") == first.rstrip(".")
+        drawn.append(a)
+    assert len({s.sentence for s in drawn}) > 1
+    batch = collate(drawn[:3], (4, 8, 8))
+    assert batch.texts == [t for s in drawn[:3] for t in (s.sentence, s.report)]
+    assert collate([replace(s, sentence=None) for s in drawn[:2]], (4, 8, 8)).texts == [
+        s.report for s in drawn[:2]
+    ]
+    with pytest.raises(ValueError, match="report sentences"):
+        collate([drawn[0], replace(drawn[1], sentence=None)], (4, 8, 8))
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_rank_and_worker_sharding_cover_every_study_once(corpus, train):
     everything = ids(RawStudies(corpus))

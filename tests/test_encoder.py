@@ -10,7 +10,12 @@ import hlip_fast
 from hlip_fast import HLIPVisionEncoder, VisionConfig, create_model, list_models, pack_studies
 from hlip_fast.padded_hlip import PaddedHLIP
 
-TINY = ["vit_tiny_singlescan_h2", "vit_tiny_multiscan_h2", "vit_tiny_multiscan_h3"]
+TINY = [
+    "vit_tiny_singlescan_h2",
+    "vit_tiny_multiscan_h2",
+    "vit_tiny_multiscan_h3",
+    "vit_tiny_multiscan_h3_dualdinotxt",
+]
 SCHEDULES = [None, ("study", "slice", "scan"), ("scan", "study", "slice")]
 HLIP_NAMES = [
     "vit_base_singlescan_h2_token2744",
@@ -51,6 +56,90 @@ def test_packed_encoder_matches_padded_hlip(name, levels, shape, seed):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+LATER_HLIP = [n for n in list_models() if "dinotxt" in n or "1568" in n or n.startswith("vit_large")]
+LATER_HLIP = sorted(set(LATER_HLIP + ["vit_base_slice_scan_token2744", "vit_base_scan_study_token1176"]))
+LATER_HLIP.remove("vit_tiny_multiscan_h3_dualdinotxt")
+
+
+@pytest.mark.parametrize("name", LATER_HLIP)
+def test_later_hlip_configs_match_padded_hlip(name, seed):
+    """HLIP's later configs (their schedules, patching, pooling, register token, scan-sequence
+    table or none) at width 48 against the padded oracle, forward and gradients, float64."""
+    config = hlip_fast.models.registry.get_config(name)
+    small = tuple(2 * p for p in config.patch_size)
+    model = create_model(name, embed_dim=48, num_heads=2, mlp_ratio=2.0, img_size=small).double().eval()
+    padded = PaddedHLIP.from_encoder(model).double().eval()
+    volumes = uniform_studies(model, 2, (3 * config.patch_size[0], *small[1:])).double()
+    batch = pack_studies([list(study) for study in volumes], model.config.patch_size).to("cpu", torch.float64)
+    out, expected = model(batch), padded(volumes)
+    prefix = 1 + config.reg_tokens
+    width = 96 if config.pooling == "dinotxt" else 48
+    assert out.shape == ((2, width) if prefix == 1 else (2, prefix, width))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    tokens = [model.cls_token] + ([model.reg_token] if config.reg_tokens else [])
+    for got, want in zip(tokens, [padded.cls_token] + ([padded.reg_token] if config.reg_tokens else [])):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(model.blocks[-1].attn.qkv.weight.grad, padded.blocks[-1].attn.qkv.weight.grad)
+
+
+def test_later_hlip_configs_have_upstreams_shapes():
+    get = hlip_fast.models.registry.get_config
+    large = get("vit_large_slice_scan_study_dualdinotxt1568")
+    assert (large.depth, large.embed_dim, large.num_heads, large.num_features) == (24, 1024, 16, 2048)
+    assert [i for i, level in enumerate(large.levels) if level == "study"] == [5, 11, 17, 23]
+    assert [i for i, level in enumerate(large.levels) if level == "scan"] == [4, 10, 16, 22]
+    assert large.num_prefix_tokens == 2 and large.max_num_scans == 0
+    base = get("vit_base_slice_scan_study_dualdinotxt1568")
+    assert base.levels == ("slice", "scan", "study") * 4 and base.patch_size == (6, 16, 16)
+    assert get("vit_base_multiscan_h2_token1568").grid_size == (8, 14, 14)  # 1568 tokens
+    assert get("ablate_seqposemb_vit_base_multiscan_h2_dinotxt1568").max_num_scans == 0
+    assert get("vit_base_multiscan_h2_dinotxt1568").max_num_scans == 40
+    with pytest.raises(ValueError, match="exactly one level"):
+        hlip_fast.models.registry.schedule(3, scan=(0, 1), study=(1, 2))
+
+
+@pytest.mark.parametrize("levels", [("scan", "study"), ("study", "slice"), ("slice", "scan")])
+def test_rope_with_an_unrotated_rest_matches_padded_hlip(levels, seed):
+    """Head dim 64: three rotated chunks of 20 and 4 channels left as they are, at every level."""
+    model = (
+        create_model("vit_tiny_multiscan_h3_dualdinotxt", rope=True, embed_dim=128, depth=2, levels=levels)
+        .double()
+        .eval()
+    )
+    assert model.blocks[0].attn.head_dim == 64
+    padded = PaddedHLIP.from_encoder(model).double().eval()
+    volumes = torch.randn(2, 2, 1, 12, 24, 32, dtype=torch.float64)
+    batch = pack_studies([list(study) for study in volumes], model.config.patch_size).to("cpu", torch.float64)
+    torch.testing.assert_close(model(batch), padded(volumes), rtol=1e-10, atol=1e-10)
+    plain = create_model("vit_tiny_multiscan_h3_dualdinotxt", embed_dim=128, depth=2, levels=levels).double()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.eval()(batch), model(batch))  # the rotation does something
+
+
+def test_rope_under_patch_dropout_rotates_the_kept_tokens_by_their_own_positions(seed, monkeypatch):
+    from hlip_fast.layers import token_positions
+    from hlip_fast.models import encoder
+
+    seen = {}
+    original_keep, original_tables = encoder.keep_patches, encoder.RotaryTables.of
+    monkeypatch.setattr(encoder, "keep_patches", lambda *a: seen.setdefault("keep", original_keep(*a)))
+    monkeypatch.setattr(
+        encoder.RotaryTables,
+        "of",
+        lambda positions, dim: seen.setdefault("tables", original_tables(positions, dim)),
+    )
+    model = create_model("vit_tiny_multiscan_h3", rope=True, patch_dropout=0.5).train()
+    batch = pack_studies(ragged_studies(), model.config.patch_size)
+    model(batch)
+    keep, _ = seen["keep"]
+    want = original_tables(token_positions(batch.layout)[keep], model.blocks[0].attn.head_dim)
+    assert torch.equal(seen["tables"].cos, want.cos) and len(keep) < batch.layout.num_tokens
+    with pytest.raises(ValueError, match="3D RoPE needs a head dim of at least 6"):
+        VisionConfig(embed_dim=8, num_heads=2, depth=1, levels=("scan",), rope=True)
+
+
 def ragged_studies():
     return [
         [torch.randn(16, 32, 32), torch.randn(8, 16, 24)],
@@ -59,10 +148,18 @@ def ragged_studies():
     ]
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_multiscan_h2", "vit_tiny_multiscan_h3"])
+RAGGED = [
+    ("vit_tiny_multiscan_h2", {}),
+    ("vit_tiny_multiscan_h3", {}),
+    ("vit_tiny_multiscan_h3_dualdinotxt", {}),
+]
+RAGGED += [("vit_tiny_multiscan_h3_dualdinotxt", {"rope": True})]
+
+
+@pytest.mark.parametrize("name, overrides", RAGGED)
 @pytest.mark.parametrize("backend", ["sdpa", "reference", "flex"])
-def test_each_study_in_a_ragged_batch_equals_the_study_alone(name, backend, seed):
-    model = create_model(name).eval()
+def test_each_study_in_a_ragged_batch_equals_the_study_alone(name, overrides, backend, seed):
+    model = create_model(name, **overrides).eval()
     model.set_attention_backend(backend)
     studies = ragged_studies()
     with torch.no_grad():
@@ -133,7 +230,7 @@ def test_avg_pooling_is_the_mean_of_each_study_tokens(seed):
     model = create_model("vit_tiny_multiscan_h3", pooling="avg").eval()
     batch = pack_studies(ragged_studies(), model.config.patch_size)
     tokens, cls = model.forward_features(batch)
-    assert tokens.shape == (batch.layout.num_tokens, 48) and cls.shape == (3, 48)
+    assert tokens.shape == (batch.layout.num_tokens, 48) and cls.shape == (3, 1, 48)
     pooled = model(batch)
     cu = batch.layout.level("study").cu_seqlens.tolist()
     for s in range(3):
@@ -174,11 +271,12 @@ def test_timm_registry_builds_our_encoder():
     [
         (dict(depth=2, levels=("scan",)), "1 entries for depth 2"),
         (dict(depth=1, levels=("series",)), "unknown levels"),
-        (dict(depth=1, levels=("scan",), embed_dim=64, num_heads=2), "divisible by 6"),
+        (dict(depth=1, levels=("scan",), embed_dim=63, num_heads=3), "must be even"),
         (dict(depth=1, levels=("scan",), embed_dim=48, num_heads=5), "num_heads 5"),
         (dict(depth=1, levels=("scan",), img_size=(10, 32, 32), patch_size=(4, 8, 8)), "img_size"),
         (dict(depth=1, levels=("scan",), pooling="max"), "pooling"),
-        (dict(depth=1, levels=("scan",), max_num_scans=0), "max_num_scans"),
+        (dict(depth=1, levels=("scan",), max_num_scans=-1), "max_num_scans"),
+        (dict(depth=1, levels=("scan",), reg_tokens=-1), "reg_tokens"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):

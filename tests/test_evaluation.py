@@ -26,6 +26,19 @@ from hlip_fast.evaluation import (
 from hlip_fast.evaluation.cli import embed_main, eval_main
 
 
+@pytest.mark.parametrize(
+    "name, count, example",
+    [("cq500", 11, "MidlineShift"), ("rsna_ich", 6, "epidural"), ("mr_rate", 37, "Chiari malformation")],
+)
+def test_prompt_sets_of_the_later_hlip_benchmarks(name, count, example):
+    """CQ500's 11 findings, RSNA's five subtypes and "any", MR-RATE's 37: each a negative and a
+    positive option, the two never the same text."""
+    prompts = load_prompts(name)
+    assert prompts.protocol == "binary" and len(prompts.options) == count and example in prompts.options
+    for negative, positive in prompts.options.values():
+        assert negative and positive and not set(prompts.texts(negative)) & set(prompts.texts(positive))
+
+
 def test_builtin_and_user_prompt_files(tmp_path):
     assert {"ct_rate", "synth_ct", "synth_mr"} <= set(builtin_prompt_sets())
     ct_rate = load_prompts("ct_rate")

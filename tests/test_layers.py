@@ -88,8 +88,14 @@ def test_sincos_3d_and_resampling():
     assert torch.equal(table[:, 0, 0, 8:], table[:, 3, 4, 8:])
     assert resample_3d(table, (3, 4, 5)) is table
     assert resample_3d(table, (6, 2, 5)).shape == (6, 2, 5, 12)
-    with pytest.raises(ValueError, match="divisible by 6"):
-        sincos_3d((1, 1, 1), 8)
+    # ViT-L's 1024 channels: even shares, 342/342/340, each varying along its own axis only.
+    large = sincos_3d((2, 3, 4), 1024)
+    assert torch.equal(large[0, 0, :, :342], large[1, 2, :, :342])
+    assert torch.equal(large[0, :, 0, 342:684], large[1, :, 3, 342:684])
+    assert torch.equal(large[:, 0, 0, 684:], large[:, 2, 3, 684:])
+    assert not torch.equal(large[0, 0, 0, 684:], large[1, 0, 0, 684:])
+    with pytest.raises(ValueError, match="even dimension"):
+        sincos_3d((1, 1, 1), 9)
 
 
 @pytest.mark.parametrize("prob", [0.0, 0.3, 0.75])

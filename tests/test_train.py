@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from hlip_fast import pack_studies
 from hlip_fast.data import synthesize
 from hlip_fast.data.batching import collate
 from hlip_fast.data.reader import RawStudies, decoded_studies
@@ -138,6 +139,15 @@ def test_recipes_fill_in_and_explicit_settings_win(corpus, tmp_path, tiny_text):
     assert (
         load_config(["--recipe", "hlip-brain-mri", *train, "--text-model", tiny_text[0]]).max_tokens == 16384
     )
+    dual = load_config(["--recipe", "hlip-dual-mri", *train, "--text-model", tiny_text[0]])
+    assert (dual.model, dual.vision_pooling, dual.loss_kind, dual.lr, dual.max_scans, dual.local_loss) == (
+        "vit_base_scan_study_dualdinotxt1568",
+        "dinotxt",
+        "dual",
+        2e-4,
+        6,
+        True,
+    )
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         load_config(["--recipe", "nope", *train, "--text-model", "tiny", "--no-lock-text"])
 
@@ -202,6 +212,28 @@ def test_short_run_loss_falls_and_exports(corpus, tmp_path):
 
     model = load_pretrained(run / "final")
     assert model.config.vision.max_num_scans == 8 and not model.training
+
+
+def test_a_dual_model_trains_on_sentences_and_reports_and_embeds_one_vector(corpus, tmp_path):
+    logs = tmp_path / "logs"
+    flags = ["--name", "dual", "--steps", "4", "--max-studies", "8", "--log-every", "1"]
+    flags += ["--model", "vit_tiny_multiscan_h3_dualdinotxt", "--vision-pooling", "dinotxt"]
+    assert train_main(run_args(corpus, logs, *flags)) == 0
+    run = logs / "dual"
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert len(rows) == 4 and all(r["nonfinite_steps"] == 0 and math.isfinite(r["loss"]) for r in rows)
+    from hlip_fast import load_pretrained
+
+    model = load_pretrained(run / "final")
+    assert model.config.loss == "dual" and model.config.vision.reg_tokens == 1
+    batch = pack_studies(
+        [[torch.randn(8, 32, 32)], [torch.randn(12, 32, 32), torch.randn(4, 16, 16)]], (4, 8, 8)
+    )
+    with torch.no_grad():
+        out = model(batch, ["A sentence.", "The report.", "Another.", "Its report."])
+        assert out["study_features"].shape == out["text_features"].shape == (2, 2, 32)
+        assert model.encode_study(batch).shape == (2, 32)
+        torch.testing.assert_close(model.encode_study(batch), out["study_features"][:, 1])
 
 
 def test_training_from_a_url_equals_training_from_the_local_copy(corpus, tmp_path, monkeypatch):

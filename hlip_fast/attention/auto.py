@@ -43,6 +43,6 @@ def ranked_backends(call: AttentionCall, table: tuple[dict, ...] | None = None) 
         return DEFAULT_ORDER
     head_dim = min({e["head_dim"] for e in entries}, key=lambda d: abs(d - call.q.shape[-1]))
     entries = [e for e in entries if e["head_dim"] == head_dim]
-    longest = call.layout.level(call.level).max_seqlen + int(call.class_tokens)
+    longest = call.layout.level(call.level).max_seqlen + call.prefix * int(call.class_tokens)
     best = min(entries, key=lambda e: abs(math.log(e["seqlen"]) - math.log(longest)))
     return tuple(best["ranking"]) + DEFAULT_ORDER

@@ -37,6 +37,8 @@ class AttentionCall:
     class_rows_level: str | None
     """The level whose segments number the class-token copies (``None``: no copies); when finer
     than ``level``, spare rows follow ``level``'s copies (see :meth:`Layout.class_rows_level`)."""
+    prefix: int = 1
+    """Class-token copies per segment (the prefix tokens: class token and registers)."""
 
     @property
     def class_tokens(self) -> bool:
@@ -47,7 +49,13 @@ class AttentionCall:
         """Rows after ``level``'s copies: each attends to itself only (its output is its value)."""
         if self.class_rows_level is None:
             return 0
-        return self.layout.num_segments(self.class_rows_level) - self.layout.num_segments(self.level)
+        unused = self.layout.num_segments(self.class_rows_level) - self.layout.num_segments(self.level)
+        return self.prefix * unused
+
+    @property
+    def num_class_rows(self) -> int:
+        """Rows of ``level``'s copies: ``prefix`` per segment, segment by segment."""
+        return self.prefix * self.layout.num_segments(self.level) if self.class_tokens else 0
 
     @property
     def active_rows(self) -> int:
@@ -145,10 +153,11 @@ def list_backends() -> list[str]:
 
 
 def available_backends(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, level: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, level: str, prefix: int = 1
 ) -> dict[str, str | None]:
-    """For each backend, ``None`` if it can run these inputs, else why not."""
-    call = _make_call(q, k, v, layout, level, None)
+    """For each backend, ``None`` if it can run these inputs (``prefix`` class-token copies per
+    segment), else why not."""
+    call = _make_call(q, k, v, layout, level, None, prefix)
     return {name: b.unsupported_reason(call) for name, b in sorted(_BACKENDS.items())}
 
 
@@ -161,14 +170,16 @@ def hier_attention(
     *,
     backend: str = "auto",
     scale: float | None = None,
+    prefix: int = 1,
 ) -> torch.Tensor:
     """Block-diagonal attention over the segments of ``level``.
 
     Args:
         q, k, v: ``(rows, heads, head_dim)``. The first ``layout.num_tokens`` rows are the packed
             patch tokens in layout order. Optionally ``layout.num_segments(level)`` more rows
-            follow: HLIP's class-token copies, one per segment in segment order. Every row
-            attends to the patch rows of its own segment and to that segment's class-token copy.
+            follow: HLIP's class-token copies, ``prefix`` per segment (class token, then
+            registers), segment by segment. Every row attends to the patch rows of its own
+            segment and to that segment's copies.
             Spare rows may follow the copies, up to one copy per segment of a finer level
             (:meth:`Layout.class_rows_level`): each attends to itself only.
         layout: the batch's layout, on the same device as ``q``.
@@ -176,11 +187,12 @@ def hier_attention(
         backend: ``"auto"`` or a name from :func:`list_backends`. With ``"auto"`` the
             environment variable ``HLIP_FAST_ATTN_BACKEND``, when set, names the backend.
         scale: softmax scale; ``head_dim ** -0.5`` by default.
+        prefix: class-token copies per segment (1 + the model's register tokens).
 
     Returns:
         The attention output, shaped like ``q``.
     """
-    call = _make_call(q, k, v, layout, level, scale)
+    call = _make_call(q, k, v, layout, level, scale, prefix)
     chosen = _choose(call, backend)
     if not torch.compiler.is_compiling():
         logger.debug("hier_attention level=%s rows=%d backend=%s", level, q.shape[0], chosen.name)
@@ -198,17 +210,19 @@ def plan_attention(
     requires_grad: bool = False,
     backend: str = "auto",
     fixed_graph: bool = False,
+    prefix: int = 1,
 ) -> str:
     """Choose the backend for such a call and build its plan now, on the host, so that
     :func:`hier_attention` with the returned name does no host work on these inputs: what lets a
     compiled model trace it without a graph break. ``class_tokens``: one copy per segment of
-    ``level``, or of the finer level it names (spare rows), or none. With ``fixed_graph``,
+    ``level``, or of the finer level it names (spare rows), or none; ``prefix`` copies per
+    segment. With ``fixed_graph``,
     ``"auto"`` prefers the backends that trace to one graph for every layout (see :class:`Backend`)."""
-    rows = layout.num_rows(level, class_tokens)
+    rows = layout.num_rows(level, class_tokens, prefix)
     # A stand-in with the inputs' shape, dtype and device that owns no memory.
     stand_in = torch.empty((), dtype=dtype, device=layout.device, requires_grad=requires_grad)
     stand_in = stand_in.expand(rows, heads, head_dim)
-    call = _make_call(stand_in, stand_in, stand_in, layout, level, None)
+    call = _make_call(stand_in, stand_in, stand_in, layout, level, None, prefix)
     chosen = _choose(call, backend, fixed_graph)
     if chosen.plan is not None:
         chosen.plan(call)
@@ -216,14 +230,22 @@ def plan_attention(
 
 
 def select_backend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, level: str, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    level: str,
+    backend: str = "auto",
+    prefix: int = 1,
 ) -> str:
     """The name of the backend :func:`hier_attention` would run for these arguments."""
-    return _choose(_make_call(q, k, v, layout, level, None), backend).name
+    return _choose(_make_call(q, k, v, layout, level, None, prefix), backend).name
 
 
-def _make_call(q, k, v, layout: Layout, level: str, scale: float | None) -> AttentionCall:
+def _make_call(q, k, v, layout: Layout, level: str, scale: float | None, prefix: int = 1) -> AttentionCall:
     check_level(level)
+    if prefix < 1:
+        raise ValueError(f"prefix must be >= 1 (class-token copies per segment), got {prefix}")
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             "q, k, v must share one shape (rows, heads, head_dim); got "
@@ -243,7 +265,8 @@ def _make_call(q, k, v, layout: Layout, level: str, scale: float | None) -> Atte
         layout=layout,
         level=level,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-        class_rows_level=layout.class_rows_level(level, q.shape[0]),
+        class_rows_level=layout.class_rows_level(level, q.shape[0], prefix),
+        prefix=prefix,
     )
 
 
@@ -262,6 +285,7 @@ def _choose(call: AttentionCall, backend: str, fixed_graph: bool = False) -> Bac
     kind = (
         call.level,
         call.class_rows_level,
+        call.prefix,
         q.dtype,
         q.shape[-1],
         q.device.type,

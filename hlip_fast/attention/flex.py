@@ -30,7 +30,7 @@ def _compiled_flex():
 
 def block_mask(call: AttentionCall):
     """The cached block mask of ``call``'s layout, level and class-token mode."""
-    segment = call.layout.segment_ids(call.level, call.class_rows_level or False)
+    segment = call.layout.segment_ids(call.level, call.class_rows_level or False, call.prefix)
     rows = segment.numel()
 
     def same_segment(b, h, q_idx, kv_idx):
@@ -39,7 +39,7 @@ def block_mask(call: AttentionCall):
     def build():
         return create_block_mask(same_segment, B=None, H=None, Q_LEN=rows, KV_LEN=rows, device=segment.device)
 
-    return call.layout.cached(("flex_block_mask", call.level, call.class_rows_level), build)
+    return call.layout.cached(("flex_block_mask", call.level, call.class_rows_level, call.prefix), build)
 
 
 def flex_hier_attention(call: AttentionCall) -> torch.Tensor:

@@ -12,19 +12,20 @@ _SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.f
 def reference_attention(call: AttentionCall) -> torch.Tensor:
     """Softmax attention inside each segment, one segment at a time.
 
-    Segment ``s`` holds patch rows ``cu[s]:cu[s+1]`` and, with class tokens, row ``N + s``.
+    Segment ``s`` holds patch rows ``cu[s]:cu[s+1]`` and, with class tokens, rows
+    ``N + s·prefix`` to ``N + (s+1)·prefix``.
     Segments tile the patch rows in order, so concatenating the per-segment outputs (patch
     parts, then class parts) restores the input's row order. A spare row attends to itself
     only: a softmax over one key, so its output is its value row.
     """
-    q, k, v, n = call.q, call.k, call.v, call.layout.num_tokens
+    q, k, v, n, prefix = call.q, call.k, call.v, call.layout.num_tokens, call.prefix
     cu = call.layout.level(call.level).cu_seqlens.tolist()
     patch_out, class_out = [], []
     for s, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
         rows = slice(a, b)
         qs, ks, vs = q[rows], k[rows], v[rows]
         if call.class_tokens:
-            c = slice(n + s, n + s + 1)
+            c = slice(n + s * prefix, n + (s + 1) * prefix)
             qs, ks, vs = torch.cat([qs, q[c]]), torch.cat([ks, k[c]]), torch.cat([vs, v[c]])
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * call.scale
         out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), vs)

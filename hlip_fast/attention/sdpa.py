@@ -23,7 +23,7 @@ _SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.f
 @dataclass(frozen=True)
 class BucketPlan:
     """``order`` puts the rows group by group (a group: the segments of one length, each
-    segment's patch rows then its class row), spare rows last; ``inverse`` undoes it;
+    segment's patch rows then its class-token copies), spare rows last; ``inverse`` undoes it;
     ``groups`` are the groups' ``(segments, length)`` in that order."""
 
     order: torch.Tensor
@@ -33,7 +33,7 @@ class BucketPlan:
 
 def bucket_plan(call: AttentionCall) -> BucketPlan:
     """The cached plan for ``call``'s layout, level and class-token copies."""
-    key = ("sdpa_plan", call.level, call.class_rows_level)
+    key = ("sdpa_plan", call.level, call.class_rows_level, call.prefix)
     return call.layout.cached(key, lambda: _build_plan(call))
 
 
@@ -46,7 +46,8 @@ def _build_plan(call: AttentionCall) -> BucketPlan:
         segments = np.flatnonzero(seqlens == length)
         rows = starts[segments, None] + np.arange(length)
         if call.class_tokens:
-            rows = np.concatenate([rows, layout.num_tokens + segments[:, None]], axis=1)
+            copies = layout.num_tokens + segments[:, None] * call.prefix + np.arange(call.prefix)
+            rows = np.concatenate([rows, copies], axis=1)
         groups.append(rows.shape)
         order.append(rows.ravel())
     order.append(np.arange(call.active_rows, call.active_rows + call.spare_rows))

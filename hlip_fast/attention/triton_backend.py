@@ -108,24 +108,28 @@ hier_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def schedule_inputs(
-    layout, level: str, class_tokens: bool, device: torch.device, spare_rows: int = 0
+    layout, level: str, class_tokens: bool, device: torch.device, spare_rows: int = 0, prefix: int = 1
 ) -> tuple:
     """The custom op's layout arguments: ``cu_seqlens`` and the tile schedule's items on the
-    device, the numbers of class rows and spare rows, the item height (``INTERPRETER_BLOCK_M``
+    device, the numbers of class rows (``prefix`` per segment with ``class_tokens``) and spare
+    rows, the item height (``INTERPRETER_BLOCK_M``
     under the interpreter; on a GPU whichever of ``BLOCK_MS`` visits least for this layout and
     level) and the segment-length bucket that keys autotuning."""
     from hlip_fast.kernels.configs import BLOCK_MS
     from hlip_fast.kernels.tile_schedule import layout_schedule
 
     heights = (_kernels().INTERPRETER_BLOCK_M,) if _interpreted() else BLOCK_MS
-    schedule = layout_schedule(layout, level, class_tokens, heights)
-    class_rows = layout.num_segments(level) if class_tokens else 0
+    per_segment = prefix if class_tokens else 0
+    schedule = layout_schedule(layout, level, per_segment, heights)
+    class_rows = per_segment * layout.num_segments(level)
     cu = layout.level(level).cu_seqlens
     return cu, schedule.on(device), class_rows, spare_rows, schedule.block_m, schedule.length_bucket
 
 
 def _call_schedule(call: AttentionCall) -> tuple:
-    return schedule_inputs(call.layout, call.level, call.class_tokens, call.q.device, call.spare_rows)
+    return schedule_inputs(
+        call.layout, call.level, call.class_tokens, call.q.device, call.spare_rows, call.prefix
+    )
 
 
 def triton_attention(call: AttentionCall) -> torch.Tensor:

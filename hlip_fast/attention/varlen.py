@@ -1,7 +1,7 @@
 """Backends built on general-purpose varlen attention kernels: ``flash``, ``torch_varlen``, ``xformers``.
 
 Those kernels take contiguous segments. Without class tokens the packed rows already are;
-with them, the rows are gathered once so that each segment's class row precedes its patch rows
+with them, the rows are gathered once so that each segment's class-token copies precede its patch rows
 (``cu_seqlens + arange``), spare rows last as one-row segments, and the output is scattered
 back. The gather plan is built on the host once per (layout, level) and cached on the layout.
 All three run on CUDA only and are optional imports: each says why it is unavailable.
@@ -37,7 +37,7 @@ class VarlenPlan:
 
 def varlen_plan(call: AttentionCall) -> VarlenPlan:
     """The cached plan of ``call``'s layout, level and class-token mode."""
-    key = ("varlen_plan", call.level, call.class_rows_level)
+    key = ("varlen_plan", call.level, call.class_rows_level, call.prefix)
     return call.layout.cached(key, lambda: _build_plan(call))
 
 
@@ -45,14 +45,17 @@ def _build_plan(call: AttentionCall) -> VarlenPlan:
     layout, lv = call.layout, call.layout.level(call.level)
     if not call.class_tokens:
         return VarlenPlan(None, None, lv.cu_seqlens, lv.seqlens.tolist(), lv.max_seqlen)
-    starts, seqlens = lv.starts, lv.seqlens
-    segment = np.repeat(np.arange(lv.num_segments), seqlens + 1)
-    position = np.arange(len(segment)) - np.repeat(starts + np.arange(lv.num_segments), seqlens + 1)
-    order = np.where(position == 0, layout.num_tokens + segment, starts[segment] + position - 1)
+    starts, seqlens, prefix = lv.starts, lv.seqlens, call.prefix
+    segment = np.repeat(np.arange(lv.num_segments), seqlens + prefix)
+    position = np.arange(len(segment)) - np.repeat(
+        starts + prefix * np.arange(lv.num_segments), seqlens + prefix
+    )
+    copy = layout.num_tokens + segment * prefix + position
+    order = np.where(position < prefix, copy, starts[segment] + position - prefix)
     order = np.concatenate([order, np.arange(call.active_rows, call.active_rows + call.spare_rows)])
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
-    seqlens = np.concatenate([seqlens + 1, np.ones(call.spare_rows, dtype=seqlens.dtype)])
+    seqlens = np.concatenate([seqlens + prefix, np.ones(call.spare_rows, dtype=seqlens.dtype)])
     cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
     device = layout.device
     return VarlenPlan(
@@ -60,7 +63,7 @@ def _build_plan(call: AttentionCall) -> VarlenPlan:
         inverse=torch.from_numpy(inverse).to(device),
         cu_seqlens=torch.from_numpy(cu).to(device),
         seqlens=seqlens.tolist(),
-        max_seqlen=lv.max_seqlen + 1,
+        max_seqlen=lv.max_seqlen + prefix,
     )
 
 

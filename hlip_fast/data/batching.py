@@ -29,7 +29,17 @@ class Batch:
     label_names: tuple[str, ...]
     fill: float
     text: dict[str, torch.Tensor] | None = None
-    """The reports tokenised where the batch was made (a reader given a ``tokenize``)."""
+    """The texts tokenised where the batch was made (a reader given a ``tokenize``)."""
+    sentences: list[str] | None = None
+    """One report sentence per study, when the studies carry them (dual models)."""
+
+    @property
+    def texts(self) -> list[str]:
+        """What the text tower embeds: the reports, or with sentences each study's sentence then
+        its report (``2 × studies`` texts, the order a dual model's features unflatten in)."""
+        if self.sentences is None:
+            return self.reports
+        return [text for pair in zip(self.sentences, self.reports) for text in pair]
 
     @property
     def study_ids(self) -> tuple[str, ...]:
@@ -76,7 +86,11 @@ def collate(
         dtype=torch.long,
     ).reshape(len(studies), len(names))
     fill = batch.layout.num_tokens / max_tokens if max_tokens else 1.0
-    return Batch(batch, [s.report for s in studies], labels, names, fill)
+    with_sentences = [s.sentence is not None for s in studies]
+    if any(with_sentences) and not all(with_sentences):
+        raise ValueError("collate: some studies carry report sentences and some do not; give one kind")
+    sentences = [s.sentence for s in studies] if studies and all(with_sentences) else None
+    return Batch(batch, [s.report for s in studies], labels, names, fill, sentences=sentences)
 
 
 @dataclass

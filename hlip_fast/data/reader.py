@@ -195,7 +195,7 @@ def token_batches(
     for members in batching.budget()(studies):
         batch = collate(members, batching.patch_size, pad, batching.max_tokens)
         if tokenize is not None:
-            batch.text = tokenize(batch.reports)
+            batch.text = tokenize(batch.texts)
         yield batch
 
 

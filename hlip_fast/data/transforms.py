@@ -29,6 +29,8 @@ class TransformConfig:
     (``shuffle_sentences``), a random ``crop`` ``(h, w)`` in-plane and ``max_depth`` window
     (centred in evaluation), flips along ``flip_axes`` (0 depth, 1 rows, 2 columns; off by
     default because reports name sides), and intensity ``jitter`` (scale ``1 ± j``, shift ``± j``).
+    With ``sentences`` each study also carries one sentence of its report (a seeded draw in
+    training, the first in evaluation): what a dual model's first embedding meets.
     """
 
     mean: float = 0.0
@@ -41,6 +43,7 @@ class TransformConfig:
     flip_axes: tuple[int, ...] = ()
     jitter: float = 0.0
     seed: int = 0
+    sentences: bool = False
 
 
 def model_transforms(model, *, jitter: float = 0.0, seed: int = 0) -> TransformConfig:
@@ -51,9 +54,10 @@ def model_transforms(model, *, jitter: float = 0.0, seed: int = 0) -> TransformC
     return TransformConfig(
         mean=config.input_mean,
         std=config.input_std,
-        max_scans=config.vision.max_num_scans,
+        max_scans=config.vision.max_num_scans or None,
         jitter=jitter,
         seed=seed,
+        sentences=config.loss == "dual",
     )
 
 
@@ -71,6 +75,8 @@ class Study:
     report: str
     labels: dict = field(default_factory=dict)
     intensity: list[tuple[float, float]] | None = None
+    sentence: str | None = None
+    """One sentence of the report (with ``TransformConfig.sentences``)."""
 
     def normalised(self) -> list[torch.Tensor]:
         """The scans as float32 model input (each scan's intensity map applied)."""
@@ -129,7 +135,10 @@ def to_study(
         out.append(x)
         intensity.append((gain / (top * config.std), (shift - config.mean) / config.std))
     report = raw.meta["report"]
+    sentences = _SENTENCE_END.split(report.strip())
     if rng is not None and config.shuffle_sentences:
-        sentences = _SENTENCE_END.split(report.strip())
         report = " ".join(sentences[i] for i in rng.permutation(len(sentences)))
-    return Study(raw.study_id, out, report, dict(raw.meta.get("labels", {})), intensity)
+    sentence = None
+    if config.sentences:  # drawn last, so that every other draw is as without it
+        sentence = sentences[int(rng.integers(len(sentences)))] if rng is not None else sentences[0]
+    return Study(raw.study_id, out, report, dict(raw.meta.get("labels", {})), intensity, sentence)

@@ -23,7 +23,11 @@ from dataclasses import asdict, dataclass
 
 from .configs import ARCHITECTURES, KernelConfig, block_d
 
-_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PART_M", "PRECISION")
+_CONSTEXPRS = ("P", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PART_M", "PRECISION")
+BUILD_PREFIX = 1
+"""The ``P`` constexpr of the builds: at most one class row per segment (HLIP's class token, or
+none), the build every model without register tokens runs. With registers (``P = 2``, the dual
+models) the kernels compile apart; those builds are not in the report."""
 _FLOAT_POINTERS = ("LSE", "DELTA")
 _INT_POINTERS = ("cu", "items")
 _SCALARS = ("qk_scale", "sm_scale")
@@ -135,6 +139,7 @@ def compile_kernel(
     target = ARCHITECTURES[arch]
     signature, attrs = _signature(function, dtype)
     constexprs = {
+        "P": BUILD_PREFIX,
         "BLOCK_M": block_m,
         "BLOCK_N": config.block_n,
         "BLOCK_D": block_d(head_dim),

@@ -1,8 +1,11 @@
 """Block-sparse flash attention over packed ragged segments (forward and backward).
 
 Rows of ``q``, ``k``, ``v`` (``(rows, heads, head_dim)``, any strides) are the ``N`` patch rows
-of a level's layout followed by ``S`` class-token rows, one per segment; ``cu`` (int32, ``S + 1``)
-gives the patch-row boundaries. Two rows attend to each other exactly when their segments match.
+of a level's layout followed by ``P`` class-token rows per segment (the prefix tokens, segment by
+segment: segment ``s``'s are rows ``N + s·P`` onwards; ``S`` class rows in all). ``P`` is a
+constexpr, 1 also for none (``S = 0``), so that the class token alone compiles as it did before
+register tokens; ``cu`` (int32, segments ``+ 1``) gives the patch-row boundaries. Two rows attend
+to each other exactly when their segments match.
 Spare rows may follow (see ``Layout.class_rows_level``): the host wrappers handle them, not the
 kernels.
 
@@ -10,7 +13,7 @@ The work follows a tile schedule (``tile_schedule.py``): each work item of one h
 ``BLOCK_M`` rows of the consecutive segments ``lo..hi-1`` (the same window of each, described by
 ``items``); one program takes ``PART_M`` of its rows (the whole item, or half of a 128-row item,
 so that no build spills registers: ``configs.py``) and visits their partners, the patch rows
-``cu[lo]..cu[hi]`` then the class rows ``N + lo..N + hi``, ``BLOCK_N`` at a time, masked by
+``cu[lo]..cu[hi]`` then the class rows ``N + lo·P..N + hi·P``, ``BLOCK_N`` at a time, masked by
 segment. Launch configs come from ``configs.autotune_configs`` (autotuned on a GPU) or
 ``INTERPRETER_CONFIGS``. The segments of an item have one length, so a partner's segment is
 arithmetic and no per-token ids are read. Every row is in one item, so the forward, the
@@ -32,9 +35,9 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
+def _item(items, cu, pid, N, S, P: tl.constexpr, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
     """Program ``pid``'s part of its item: ``PART_M`` of the item's rows (``count`` rows of each
-    segment ``lo..hi-1``, ``from_end`` rows before the segment's end, class row last), their mask
+    segment ``lo..hi-1``, ``from_end`` rows before the segment's end, its ``P`` class rows last), their mask
     and segments; whether the part holds any row; and the item's partners (first patch row,
     number of patch rows, first segment, patch rows per segment, number of partner rows)."""
     parts = BLOCK_M // PART_M
@@ -50,25 +53,35 @@ def _item(items, cu, pid, N, S, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
     seg = lo + idx // count
     first = tl.load(cu + seg, mask=ok, other=0)
     length = tl.load(cu + seg + 1, mask=ok, other=0) - first
-    offset = length + tl.where(S > 0, 1, 0) - from_end + idx % count
-    rows = tl.where(offset < length, first + offset, N + seg)
+    if P == 1:  # one class row per segment or none (S = 0): the index needs no arithmetic
+        offset = length + tl.where(S > 0, 1, 0) - from_end + idx % count
+        rows = tl.where(offset < length, first + offset, N + seg)
+        n_class = tl.where(S > 0, hi - lo, 0)
+    else:
+        offset = length + P - from_end + idx % count
+        rows = tl.where(offset < length, first + offset, N + seg * P + offset - length)
+        n_class = P * (hi - lo)
     seg = tl.where(ok, seg, -1)
     p0 = tl.load(cu + lo)
     n_patch = tl.load(cu + hi) - p0
-    n_partners = tl.where(first_row < (hi - lo) * count, n_patch + tl.where(S > 0, hi - lo, 0), 0)
+    n_partners = tl.where(first_row < (hi - lo) * count, n_patch + n_class, 0)
     seg_len = tl.maximum(n_patch // (hi - lo), 1)
     return rows, ok, seg, p0, n_patch, lo, seg_len, n_partners
 
 
 @triton.jit
-def _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N: tl.constexpr):
+def _partners(start, p0, n_patch, lo, seg_len, n_partners, N, P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Partner rows ``start..start+BLOCK_N`` of an item (its patch rows, then its class rows),
     their mask and their segments (-2 where masked)."""
     j = start + tl.arange(0, BLOCK_N)
     ok = j < n_partners
     patch = j < n_patch
-    cols = tl.where(patch, p0 + j, N + lo + j - n_patch)
-    seg = tl.where(patch, lo + j // seg_len, lo + j - n_patch)
+    if P == 1:
+        cols = tl.where(patch, p0 + j, N + lo + j - n_patch)
+        seg = tl.where(patch, lo + j // seg_len, lo + j - n_patch)
+    else:
+        cols = tl.where(patch, p0 + j, N + lo * P + j - n_patch)
+        seg = tl.where(patch, lo + j // seg_len, lo + (j - n_patch) // P)
     return cols, ok, tl.where(ok, seg, -2)
 
 
@@ -90,10 +103,12 @@ def hier_attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     qk_scale, length_bucket,
     BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, P: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M, PART_M)
+    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(
+        items, cu, pid, N, S, P, BLOCK_M, PART_M
+    )
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
@@ -103,7 +118,7 @@ def hier_attn_fwd_kernel(
     m_i = tl.full([PART_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([PART_M], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
-        cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
+        cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, P, BLOCK_N)
         k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
@@ -126,11 +141,13 @@ def hier_attn_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, qk_scale, sm_scale, length_bucket,
     BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, P: tl.constexpr,
 ):
     # The item's rows are the keys here; their partners are the queries that attend to them.
     pid, head = tl.program_id(0), tl.program_id(1)
-    cols, col_ok, seg_k, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M, PART_M)
+    cols, col_ok, seg_k, p0, n_patch, lo, seg_len, n_partners = _item(
+        items, cu, pid, N, S, P, BLOCK_M, PART_M
+    )
     offs_d = tl.arange(0, BLOCK_D)
     Q += head * stride_qh
     DO += head * stride_doh
@@ -142,7 +159,7 @@ def hier_attn_bwd_dkdv_kernel(
     dk = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
-        rows, row_ok, seg_q = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
+        rows, row_ok, seg_q = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, P, BLOCK_N)
         q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, D)
         do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, D)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
@@ -165,10 +182,12 @@ def hier_attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, length_bucket,
     BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, P: tl.constexpr,
 ):
     pid, head = tl.program_id(0), tl.program_id(1)
-    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(items, cu, pid, N, S, BLOCK_M, PART_M)
+    rows, row_ok, seg_q, p0, n_patch, lo, seg_len, n_partners = _item(
+        items, cu, pid, N, S, P, BLOCK_M, PART_M
+    )
     offs_d = tl.arange(0, BLOCK_D)
     K += head * stride_kh
     V += head * stride_vh
@@ -179,7 +198,7 @@ def hier_attn_bwd_dq_kernel(
 
     dq = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_partners, BLOCK_N):
-        cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, BLOCK_N)
+        cols, col_ok, seg_k = _partners(start, p0, n_patch, lo, seg_len, n_partners, N, P, BLOCK_N)
         k = _load_rows(K, cols, col_ok, stride_kt, offs_d, D)
         v = _load_rows(V, cols, col_ok, stride_vt, offs_d, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -217,13 +236,16 @@ def _meta(config: KernelConfig, block_m: int) -> dict:
     return {"BLOCK_N": config.block_n, "PART_M": config.rows_per_program(block_m)}
 
 
-def _launcher(name: str, q, block_m: int, num_items: int):
+def _launcher(name: str, q, block_m: int, num_items: int, prefix: int):
     """``(kernel, grid, constants)`` for kernel ``name`` on ``q``'s device and dtype with items of
-    ``block_m`` rows. On a GPU the kernel is autotuned over :func:`autotune_configs` for this
+    ``block_m`` rows and ``prefix`` class rows per segment (the ``P`` constexpr). On a GPU the
+    kernel is autotuned over :func:`autotune_configs` for this
     capability, dtype, head dim and item height, keyed on the schedule's segment-length bucket
     (so a level of short segments and one of long segments tune apart)."""
     kernel = KERNEL_FUNCTIONS[name]
-    constants = {"BLOCK_M": block_m, "BLOCK_D": block_d(q.shape[-1]), "PRECISION": _precision(q.dtype)}
+    constants = {
+        "BLOCK_M": block_m, "BLOCK_D": block_d(q.shape[-1]), "PRECISION": _precision(q.dtype), "P": prefix,
+    }
     heads = q.shape[1]
     if INTERPRETED:
         constants.update(_meta(INTERPRETER_CONFIGS[name], block_m))
@@ -271,6 +293,11 @@ def _precision(dtype) -> str:
     return precision_name(str(dtype).removeprefix("torch."))
 
 
+def _prefix(num_class_rows: int, cu) -> int:
+    """The kernels' ``P`` constexpr: class rows per segment, 1 also for none (``S = 0`` tells)."""
+    return max(1, num_class_rows // (cu.numel() - 1))
+
+
 def hier_attn_forward(
     q, k, v, cu, items, num_class_rows: int, num_spare_rows: int, block_m: int, length_bucket: int,
     scale: float,
@@ -288,7 +315,7 @@ def hier_attn_forward(
     if num_spare_rows:  # not on every call: each op costs host time even on empty rows
         out[active:] = v[active:]
         lse[:, active:] = (q[active:].float() * k[active:].float()).sum(-1).t() * (scale * LOG2E)
-    kernel, grid, constants = _launcher("fwd", q, block_m, items.numel() // 4)
+    kernel, grid, constants = _launcher("fwd", q, block_m, items.numel() // 4, _prefix(num_class_rows, cu))
     kernel[grid](
         q, k, v, out, lse, cu, items, n, num_class_rows, dim,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -319,12 +346,12 @@ def hier_attn_backward(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1),
     )
-    kernel, grid, constants = _launcher("dkdv", q, block_m, items.numel() // 4)
+    kernel, grid, constants = _launcher("dkdv", q, block_m, items.numel() // 4, _prefix(num_class_rows, cu))
     kernel[grid](
         *inputs, dk, dv, *schedule, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         lse.stride(0), scale * LOG2E, scale, length_bucket, **constants,
     )
-    kernel, grid, constants = _launcher("dq", q, block_m, items.numel() // 4)
+    kernel, grid, constants = _launcher("dq", q, block_m, items.numel() // 4, _prefix(num_class_rows, cu))
     kernel[grid](
         *inputs, dq, *schedule, *strides, dq.stride(0), dq.stride(1), lse.stride(0), scale * LOG2E, scale,
         length_bucket, **constants,

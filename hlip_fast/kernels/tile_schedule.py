@@ -1,10 +1,11 @@
 """The tile schedule of the hierarchical attention kernels: which rows each program owns and
 which segments' rows it visits, built once per (layout, level) on the host and cached there.
 
-In a segment's own order (its patch rows, then its class row when there are class rows), a work
-item takes the same window of every segment ``lo..hi-1``: ``count`` rows starting ``from_end``
-rows before the segment's end. Its partners are all rows of those segments: the patch rows
-``cu[lo]..cu[hi]``, then the class rows ``N + lo..N + hi``, visited ``block_n`` at a time. The
+In a segment's own order (its patch rows, then its ``class_rows`` class-token rows: the prefix
+tokens, 0 or more), a work item takes the same window of every segment ``lo..hi-1``: ``count``
+rows starting ``from_end`` rows before the segment's end. Its partners are all rows of those
+segments: the patch rows ``cu[lo]..cu[hi]``, then the class rows ``N + lo·P..N + hi·P`` (``P``
+per segment), visited ``block_n`` at a time. The
 segments of one item all have the same length, so a kernel finds a partner's segment by
 arithmetic (``lo + j // length``) and needs no per-token segment ids. Every row belongs to
 exactly one item, so the forward, the query-side backward and (the relation being symmetric)
@@ -41,7 +42,7 @@ class SegmentRuns:
     """Neighbouring segments of one size, run-length encoded over one or more segmentations
     (parts: a layout's levels) laid end to end: each run's ``first`` segment (counted over all
     parts), its ``count`` of segments and their ``size`` in rows (patch rows, plus the class
-    row). A run never crosses parts; ``part_runs`` and ``part_segments`` (``parts + 1``) give
+    rows). A run never crosses parts; ``part_runs`` and ``part_segments`` (``parts + 1``) give
     where each part's runs and segments start."""
 
     first: np.ndarray
@@ -51,7 +52,7 @@ class SegmentRuns:
     part_segments: np.ndarray
 
     @classmethod
-    def of(cls, cus: list[np.ndarray], class_rows: bool) -> SegmentRuns:
+    def of(cls, cus: list[np.ndarray], class_rows: int) -> SegmentRuns:
         """The runs of segmentations with patch-row boundaries ``cus`` (each ``segments + 1``)."""
         if any(len(cu) < 2 for cu in cus):
             raise ValueError("every segmentation needs at least one segment")
@@ -93,7 +94,8 @@ class TileSchedule:
     block_m: int
     items: np.ndarray
     cu: np.ndarray
-    class_rows: bool
+    class_rows: int
+    """Class-token rows per segment (``True``: one)."""
     length_bucket: int
     device_arrays: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -116,7 +118,7 @@ class TileSchedule:
         return int(part_m * block_n * (_ceil_div(rows, part_m) * tiles).sum())
 
     def useful(self) -> int:
-        """Score entries attention needs: ``(L + 1)²`` per segment with class rows, else ``L²``."""
+        """Score entries attention needs: ``(L + P)²`` per segment with ``P`` class rows."""
         lengths = np.diff(self.cu) + int(self.class_rows)
         return int((lengths**2).sum())
 
@@ -135,17 +137,18 @@ class TileSchedule:
         segments = np.repeat(np.arange(lo, hi), count)
         lengths = self.cu[segments + 1] - self.cu[segments]
         offsets = lengths + int(self.class_rows) - from_end + np.tile(np.arange(count), hi - lo)
-        return np.where(offsets < lengths, self.cu[segments] + offsets, int(self.cu[-1]) + segments)
+        copies = int(self.cu[-1]) + segments * int(self.class_rows) + offsets - lengths
+        return np.where(offsets < lengths, self.cu[segments] + offsets, copies)
 
     def partners(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         """The partner rows of one item and their segments, as the kernels compute them: patch
         rows ``cu[lo]..cu[hi]`` of segments of one length, then the class rows."""
         lo, hi = (int(x) for x in self.items[item, :2])
-        first, patch = int(self.cu[lo]), int(self.cu[hi] - self.cu[lo])
+        first, patch, per = int(self.cu[lo]), int(self.cu[hi] - self.cu[lo]), int(self.class_rows)
         length = max(patch // (hi - lo), 1)
-        j = np.arange(patch + (hi - lo) * int(self.class_rows))
-        rows = np.where(j < patch, first + j, int(self.cu[-1]) + lo + j - patch)
-        return rows, np.where(j < patch, lo + j // length, lo + j - patch)
+        j = np.arange(patch + (hi - lo) * per)
+        rows = np.where(j < patch, first + j, int(self.cu[-1]) + lo * per + j - patch)
+        return rows, np.where(j < patch, lo + j // length, lo + np.maximum(j - patch, 0) // max(per, 1))
 
     def on(self, device):
         """``items`` field by field, ``(4, items)`` int32 as the kernels read them, on
@@ -161,13 +164,13 @@ class TileSchedule:
         return self.device_arrays[key]
 
 
-def build_schedule(cu: np.ndarray, class_rows: bool, block_m: int) -> TileSchedule:
+def build_schedule(cu: np.ndarray, class_rows: int, block_m: int) -> TileSchedule:
     """The schedule for segments with patch-row boundaries ``cu`` (host, ``segments + 1``),
-    each followed by one class row when ``class_rows``, with items of ``block_m`` rows."""
+    each followed by ``class_rows`` class rows (``True``: one), with items of ``block_m`` rows."""
     return build_schedules([cu], class_rows, (block_m,))[0]
 
 
-def build_schedules(cus: list[np.ndarray], class_rows: bool, heights: tuple[int, ...]) -> list[TileSchedule]:
+def build_schedules(cus: list[np.ndarray], class_rows: int, heights: tuple[int, ...]) -> list[TileSchedule]:
     """One schedule per segmentation of ``cus``, each with the item height of ``heights`` that
     :func:`pick_heights` chooses. All are built in one pass, so a layout's levels cost the NumPy
     calls of one."""
@@ -225,7 +228,7 @@ def pick_heights(visited: np.ndarray, heights: tuple[int, ...]) -> np.ndarray:
     return np.where(acceptable, np.asarray(heights, dtype=np.int64)[:, None], 0).max(axis=0)
 
 
-def layout_schedule(layout, level: str, class_rows: bool, heights: tuple[int, ...]) -> TileSchedule:
+def layout_schedule(layout, level: str, class_rows: int, heights: tuple[int, ...]) -> TileSchedule:
     """The schedule of ``layout``'s ``level`` with the item height of ``heights`` that
     :func:`pick_heights` chooses; the schedules of all levels are built together on first use
     and kept in the layout's cache."""
@@ -233,7 +236,7 @@ def layout_schedule(layout, level: str, class_rows: bool, heights: tuple[int, ..
         cus = [lv.offsets for lv in layout.levels.values()]
         return dict(zip(layout.levels, build_schedules(cus, class_rows, tuple(heights))))
 
-    return layout.cached(("tile_schedules", class_rows, tuple(heights)), build)[level]
+    return layout.cached(("tile_schedules", int(class_rows), tuple(heights)), build)[level]
 
 
 def _ceil_div(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:

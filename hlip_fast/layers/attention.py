@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..attention import hier_attention
 from ..layout import Layout
+from .rope import RotaryTables
 
 
 class HierarchicalAttention(nn.Module):
@@ -14,9 +15,9 @@ class HierarchicalAttention(nn.Module):
 
     Parameters are named as in timm's ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``proj``),
     so its ``state_dict`` loads here unchanged. ``forward(x, layout, level)`` takes packed rows
-    ``(num_tokens [+ segments], dim)``: patch tokens, optionally followed by one class-token copy
-    per segment of ``level`` (see :func:`hlip_fast.hier_attention`). Attention dropout is not
-    offered; ``backend`` picks the attention implementation (``"auto"`` by default; a call's
+    ``(num_tokens [+ prefix × segments], dim)``: patch tokens, optionally followed by ``prefix``
+    class-token copies per segment of ``level`` (see :func:`hlip_fast.hier_attention`). Attention
+    dropout is not offered; ``backend`` picks the attention implementation (``"auto"`` by default; a call's
     ``backend`` argument, a name :func:`hlip_fast.attention.plan_attention` returned, overrides it).
     """
 
@@ -44,10 +45,20 @@ class HierarchicalAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, layout: Layout, level: str, backend: str | None = None
+        self,
+        x: torch.Tensor,
+        layout: Layout,
+        level: str,
+        backend: str | None = None,
+        prefix: int = 1,
+        rope: RotaryTables | None = None,
     ) -> torch.Tensor:
+        """``rope``: the patch tokens' 3D rotary tables (see :mod:`~hlip_fast.layers.rope`)."""
         rows, dim = x.shape
         q, k, v = self.qkv(x).reshape(rows, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = hier_attention(q, k, v, layout, level, backend=backend or self.backend, scale=self.scale)
+        if rope is not None:
+            q, k = rope.rotate(q), rope.rotate(k)
+        backend = backend or self.backend
+        out = hier_attention(q, k, v, layout, level, backend=backend, scale=self.scale, prefix=prefix)
         return self.proj_drop(self.proj(out.reshape(rows, dim)))

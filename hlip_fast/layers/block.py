@@ -8,6 +8,7 @@ from timm.layers import LayerScale, Mlp
 
 from ..layout import Layout
 from .attention import HierarchicalAttention
+from .rope import RotaryTables
 
 
 class SegmentDropPath(nn.Module):
@@ -22,13 +23,15 @@ class SegmentDropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor, layout: Layout, level: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout, level: str, prefix: int = 1) -> torch.Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
         keep_prob = 1.0 - self.drop_prob
-        copies_of = layout.class_rows_level(level, x.shape[0])
-        keep = x.new_empty(layout.num_segments(copies_of or level)).bernoulli_(keep_prob).div_(keep_prob)
-        return x * keep[layout.segment_ids(level, copies_of or False)].unsqueeze(1)
+        copies_of = layout.class_rows_level(level, x.shape[0], prefix)
+        ids = layout.segment_ids(level, copies_of or False, prefix)
+        segments = layout.num_segments(level) + x.shape[0] - layout.num_rows(level, bool(copies_of), prefix)
+        keep = x.new_empty(segments).bernoulli_(keep_prob).div_(keep_prob)
+        return x * keep[ids].unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -61,8 +64,17 @@ class HierarchicalBlock(nn.Module):
         self.drop_path2 = SegmentDropPath(drop_path)
 
     def forward(
-        self, x: torch.Tensor, layout: Layout, level: str, backend: str | None = None
+        self,
+        x: torch.Tensor,
+        layout: Layout,
+        level: str,
+        backend: str | None = None,
+        prefix: int = 1,
+        rope: RotaryTables | None = None,
     ) -> torch.Tensor:
-        """``backend``: the attention backend of this call (default: ``attn.backend``)."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout, level, backend)), layout, level)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), layout, level)
+        """``backend``: the attention backend of this call (default: ``attn.backend``);
+        ``prefix``: class-token copies per segment (see :func:`hlip_fast.hier_attention`);
+        ``rope``: 3D rotary tables of the patch tokens, or none."""
+        attended = self.attn(self.norm1(x), layout, level, backend, prefix, rope)
+        x = x + self.drop_path1(self.ls1(attended), layout, level, prefix)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), layout, level, prefix)

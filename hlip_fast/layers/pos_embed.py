@@ -15,13 +15,22 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
+def axis_channels(dim: int) -> tuple[int, int, int]:
+    """Channels of width, height and depth in a 3D table: a third each (HLIP's split) when
+    ``dim`` is a multiple of 6, else even shares as equal as can be, the wider ones first
+    (ViT-L's 1024: 342, 342, 340; its checkpoints carry their own table)."""
+    if dim % 2:
+        raise ValueError(f"a 3D sin-cos embedding needs an even dimension, got {dim}")
+    pairs, extra = divmod(dim // 2, 3)
+    return tuple(2 * (pairs + (axis < extra)) for axis in range(3))
+
+
 def sincos_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
-    """``(d, h, w, dim)`` table; a third of the channels each for width, height and depth."""
-    if dim % 6:
-        raise ValueError(f"a 3D sin-cos embedding needs a dimension divisible by 6, got {dim}")
+    """``(d, h, w, dim)`` table: sin-cos of width, height and depth side by side (see
+    :func:`axis_channels` for the split)."""
     d, h, w = grid
     zz, yy, xx = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
-    parts = [sincos_1d(axis.reshape(-1), dim // 3) for axis in (xx, yy, zz)]
+    parts = [sincos_1d(axis.reshape(-1), c) for axis, c in zip((xx, yy, zz), axis_channels(dim))]
     return torch.cat(parts, dim=1).reshape(d, h, w, dim)
 
 

@@ -15,18 +15,21 @@ from ..attention import plan_attention
 from ..layers import (
     HierarchicalBlock,
     PatchEmbed3D,
+    RotaryTables,
     keep_patches,
     plan_switch,
     resample_3d,
+    rope_chunk,
     sincos_1d,
     sincos_3d,
     switch_level,
     switch_rows,
+    token_positions,
 )
 from ..layout import LEVELS, Layout
 from ..packing import StudyBatch, pack_studies, to_3tuple
 
-POOLINGS = ("token", "avg")
+POOLINGS = ("token", "avg", "dinotxt")
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,16 @@ class VisionConfig:
 
     ``img_size`` only sets the grid of the spatial position table (``img_size // patch_size``);
     scans of any size divisible by the patch are accepted and the table is resampled to each.
-    ``levels`` names the attention level of every block. ``max_num_scans`` is the length of the
-    per-scan sequential position table (1: single-scan studies, no sequential embedding).
+    ``levels`` names the attention level of every block: any sequence of slice, scan and study.
+    ``max_num_scans`` is the length of the per-scan sequential position table (1: single-scan
+    studies, no sequential embedding; 0: no sequential embedding and any number of scans, as
+    HLIP's ``ablate_seqposemb`` and dual models). ``reg_tokens`` register tokens join the class
+    token as prefix tokens, each following the level-switch rule (averaged to a coarser level,
+    replicated to a finer one). ``pooling``: the class token, the patch mean, or ``"dinotxt"``
+    (DINO.txt: each prefix token beside the patch mean, ``2 × embed_dim`` features).
     ``patch_dropout`` drops that share of every slice's patch tokens in training mode.
+    ``rope`` adds 3D axial rotary embedding inside every attention (HLIP's ``ablate_rope``
+    models; see :mod:`~hlip_fast.layers.rope`), beside the additive position tables.
     """
 
     img_size: tuple[int, int, int] = (48, 224, 224)
@@ -54,6 +64,8 @@ class VisionConfig:
     max_num_scans: int = 40
     levels: tuple[str, ...] = field(default=("scan", "scan", "study") * 4)
     pooling: str = "token"
+    reg_tokens: int = 0
+    rope: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", to_3tuple(self.img_size, "img_size"))
@@ -64,14 +76,21 @@ class VisionConfig:
             problems.append(f"levels has {len(self.levels)} entries for depth {self.depth}")
         if bad := [lv for lv in self.levels if lv not in LEVELS]:
             problems.append(f"unknown levels {bad}; expected entries of {LEVELS}")
-        if self.embed_dim % 6:
-            problems.append(f"embed_dim {self.embed_dim} must be divisible by 6 (3D sin-cos table)")
+        if self.embed_dim % 2:
+            problems.append(f"embed_dim {self.embed_dim} must be even (3D sin-cos table)")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
         if any(i % p for i, p in zip(self.img_size, self.patch_size)):
             problems.append(f"img_size {self.img_size} not divisible by patch_size {self.patch_size}")
-        if self.max_num_scans < 1:
-            problems.append(f"max_num_scans must be >= 1, got {self.max_num_scans}")
+        if self.max_num_scans < 0:
+            problems.append(f"max_num_scans must be >= 0, got {self.max_num_scans}")
+        if self.rope and self.num_heads and not self.embed_dim % self.num_heads:
+            try:
+                rope_chunk(self.embed_dim // self.num_heads)
+            except ValueError as error:
+                problems.append(str(error))
+        if self.reg_tokens < 0:
+            problems.append(f"reg_tokens must be >= 0, got {self.reg_tokens}")
         if self.pooling not in POOLINGS:
             problems.append(f"pooling {self.pooling!r} not in {POOLINGS}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -84,6 +103,16 @@ class VisionConfig:
     @property
     def grid_size(self) -> tuple[int, int, int]:
         return tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """The class token and the register tokens."""
+        return 1 + self.reg_tokens
+
+    @property
+    def num_features(self) -> int:
+        """Width of a pooled embedding: ``2 × embed_dim`` with DINO.txt pooling."""
+        return 2 * self.embed_dim if self.pooling == "dinotxt" else self.embed_dim
 
 
 class HLIPVisionEncoder(nn.Module):
@@ -103,6 +132,7 @@ class HLIPVisionEncoder(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.patch_embed = PatchEmbed3D(config.patch_size, config.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, config.reg_tokens, dim)) if config.reg_tokens else None
         self.register_buffer("spatial_posemb", sincos_3d(config.grid_size, dim)[None])
         if config.max_num_scans > 1:
             positions = torch.arange(config.max_num_scans)
@@ -130,10 +160,16 @@ class HLIPVisionEncoder(nn.Module):
         self.compiled_device_work = None
         self.apply(init_weights_vit_timm)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
 
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
+
+    @property
+    def num_features(self) -> int:
+        return self.config.num_features
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of keeping its activations."""
@@ -165,9 +201,10 @@ class HLIPVisionEncoder(nn.Module):
         return pos + self.sequential_posemb[0, positions][layout.segment_ids("scan")]
 
     def forward_features(self, batch: StudyBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, C)`` class tokens
-        (in training with patch dropout: the kept tokens only). ``batch``: packed studies, or
-        HLIP's dense ``(B, N, C, D, H, W)`` / ``(B, C, D, H, W)`` tensor (packed here)."""
+        """Final-normed ``(num_tokens, C)`` patch tokens and ``(num_studies, prefix, C)`` prefix
+        tokens (class token, then registers; in training with patch dropout: the kept tokens only).
+        ``batch``: packed studies, or HLIP's dense ``(B, N, C, D, H, W)`` / ``(B, C, D, H, W)``
+        tensor (packed here)."""
         return self._features(batch)[:2]
 
     def pack(self, x: torch.Tensor) -> StudyBatch:
@@ -202,8 +239,13 @@ class HLIPVisionEncoder(nn.Module):
         if self.training and self.config.patch_dropout > 0:
             keep, layout = keep_patches(layout, self.config.patch_dropout)
         backends = self._plan(layout)
+        rope = None
+        if self.config.rope:
+            positions = batch.layout.cached(("rope_positions",), lambda: token_positions(batch.layout))
+            head_dim = self.embed_dim // self.config.num_heads
+            rope = RotaryTables.of(positions if keep is None else positions[keep], head_dim)
         device_work = self.compiled_device_work or type(self)._device_work
-        tokens, cls = device_work(self, batch.patches, pos, keep, layout, backends)
+        tokens, cls = device_work(self, batch.patches, pos, keep, layout, backends, rope)
         return tokens, cls, layout
 
     def _plan(self, layout: Layout) -> tuple[str, ...]:
@@ -227,10 +269,11 @@ class HLIPVisionEncoder(nn.Module):
                 requires_grad=torch.is_grad_enabled(),
                 backend=attn.backend,
                 fixed_graph=self.compiled_device_work is not None,
+                prefix=self.config.num_prefix_tokens,
             )
             backends.append(name)
             if self.training and block.drop_path1.drop_prob > 0:
-                layout.segment_ids(level, self.class_rows_level)
+                layout.segment_ids(level, self.class_rows_level, self.config.num_prefix_tokens)
         for src, dst in zip(levels, (*levels[1:], "study")):
             plan_switch(layout, src, dst)
         return tuple(backends)
@@ -242,37 +285,49 @@ class HLIPVisionEncoder(nn.Module):
         keep: torch.Tensor | None,
         layout: Layout,
         backends: tuple[str, ...],
+        rope: RotaryTables | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-normed patch tokens and study class tokens; the part :meth:`compile` compiles."""
+        """Final-normed patch tokens and ``(studies, prefix, C)`` prefix tokens; the part
+        :meth:`compile` compiles."""
         x = self.patch_embed(patches) + pos
         if keep is not None:
             x = x[keep]
-        num_tokens = layout.num_tokens
+        num_tokens, prefix = layout.num_tokens, self.config.num_prefix_tokens
         level = self.config.levels[0]
-        cls = self.cls_token[0].expand(layout.num_segments(self.class_rows_level), -1)
-        rows = torch.cat([x, cls])
+        tokens = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], 1)
+        copies = tokens.expand(layout.num_segments(self.class_rows_level), -1, -1).reshape(-1, self.embed_dim)
+        rows = torch.cat([x, copies])
         for block, next_level, backend in zip(self.blocks, self.config.levels, backends):
             if next_level != level:
-                rows, level = switch_rows(rows, layout, level, next_level), next_level
+                rows, level = switch_rows(rows, layout, level, next_level, prefix), next_level
             if self.grad_checkpointing and torch.is_grad_enabled():
-                rows = checkpoint(block, rows, layout, level, backend, use_reentrant=False)
+                rows = checkpoint(block, rows, layout, level, backend, prefix, rope, use_reentrant=False)
             else:
-                rows = block(rows, layout, level, backend)
-        cls = switch_level(rows[num_tokens : num_tokens + layout.num_segments(level)], layout, level, "study")
-        return self.norm(rows[:num_tokens]), self.norm(cls)
+                rows = block(rows, layout, level, backend, prefix, rope)
+        held = rows[num_tokens : num_tokens + prefix * layout.num_segments(level)]
+        studies = switch_level(held, layout, level, "study", prefix)
+        return self.norm(rows[:num_tokens]), self.norm(studies).unflatten(0, (-1, prefix))
 
-    def pool(self, tokens: torch.Tensor, cls: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """One embedding per study: its class token, or the mean of its patch tokens."""
+    def pool(self, tokens: torch.Tensor, prefix: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Study embeddings from the patch tokens and the ``(studies, P, C)`` prefix tokens:
+        the class token ``(studies, C)``, the patch mean ``(studies, C)``, or DINO.txt's each
+        prefix token beside the patch mean, ``(studies, 2C)`` for one prefix token and
+        ``(studies, P, 2C)`` for several (HLIP's dual models: the class token for a report
+        sentence, the register for the whole report)."""
         if self.config.pooling == "token":
-            return cls
+            return prefix[:, 0]
         ids = layout.segment_ids("study")
         summed = tokens.new_zeros(layout.num_studies, tokens.shape[1]).index_add(0, ids, tokens)
         counts = layout.level("study").cu_seqlens.diff().to(tokens.dtype)
-        return summed / counts.unsqueeze(1)
+        mean = summed / counts.unsqueeze(1)
+        if self.config.pooling == "avg":
+            return mean
+        pooled = torch.cat([prefix, mean[:, None].expand_as(prefix)], dim=-1)
+        return pooled[:, 0] if pooled.shape[1] == 1 else pooled
 
     def forward(self, batch: StudyBatch | torch.Tensor) -> torch.Tensor:
-        """``(num_studies, embed_dim)`` study embeddings of packed studies or HLIP's dense
-        tensor (see :meth:`forward_features`)."""
+        """Study embeddings (see :meth:`pool`) of packed studies or HLIP's dense tensor (see
+        :meth:`forward_features`)."""
         return self.pool(*self._features(batch))
 
     def _check_batch(self, batch: StudyBatch) -> None:
@@ -283,7 +338,7 @@ class HLIPVisionEncoder(nn.Module):
                 f"expects patch {cfg.patch_size} with {cfg.in_chans} channels"
             )
         scans_per_study = np.bincount(batch.layout.scan_study)
-        if scans_per_study.max() > cfg.max_num_scans:
+        if cfg.max_num_scans and scans_per_study.max() > cfg.max_num_scans:
             worst = int(scans_per_study.argmax())
             raise ValueError(
                 f"study {batch.study_ids[worst]!r} has {scans_per_study[worst]} scans; "

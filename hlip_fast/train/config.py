@@ -20,7 +20,7 @@ from hlip_fast.errors import ON_ERROR
 from .recipes import RECIPES
 
 READERS = ("cpu", "nvcomp", "dali")
-POOLING = ("token", "avg")
+POOLING = ("token", "avg", "dinotxt")
 TEXT_POOLING = ("cls", "mean")
 FLOAT32_MAX = 3.4028234663852886e38
 RESUME = {
@@ -128,7 +128,10 @@ class TrainConfig:
     embed_dim: int = knob(512, "width of the shared study/report embedding space", above=0, resume="fixed")
     pretrained: str = knob("", "hlip_fast model folder to start from (weights only)", resume="free")
     vision_pooling: str = knob(
-        "token", "study embedding: the class token, or the mean of the tokens", POOLING
+        "token",
+        "study embedding: the class token, the mean of the tokens, or DINO.txt (each prefix token beside "
+        "the mean; with a register token the dual loss)",
+        POOLING,
     )
     text_pooling: str = knob("cls", "report embedding: the CLS token, or the masked mean", TEXT_POOLING)
     siglip: bool = knob(False, "sigmoid loss (SigLIP) instead of the softmax CLIP loss", resume="fixed")
@@ -224,9 +227,17 @@ class TrainConfig:
 
     @property
     def loss_kind(self) -> str:
-        """``"siglip"`` or ``"clip"``: the one place the loss is chosen (the model's temperature
-        and bias and the loss module follow it)."""
-        return "siglip" if self.siglip else "clip"
+        """``"siglip"``, ``"dual"`` (DINO.txt pooling of a model with a register token: HLIP's
+        dual models) or ``"clip"``: the one place the loss is chosen (the model's temperature and
+        bias and the loss module follow it)."""
+        if self.siglip:
+            return "siglip"
+        if self.vision_pooling == "dinotxt":
+            from hlip_fast.models.registry import get_config  # timm: only when a model is built
+
+            if get_config(self.model).reg_tokens:
+                return "dual"
+        return "clip"
 
     def problems(self) -> list[str]:
         """Every problem of the values (empty when there is none): each field's declared choices

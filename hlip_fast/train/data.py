@@ -107,8 +107,9 @@ def total_steps(cfg: TrainConfig, plan: EpochPlan, world_size: int) -> int:
     return cfg.steps or cfg.epochs * plan.steps_per_rank(world_size, cfg.accum_freq)
 
 
-def plan_epoch(cfg: TrainConfig, patch_size: tuple[int, int, int], max_scans: int) -> EpochPlan:
-    """The token-budget packing of every study of the index (its first ``max_scans`` scans)."""
+def plan_epoch(cfg: TrainConfig, patch_size: tuple[int, int, int], max_scans: int | None) -> EpochPlan:
+    """The token-budget packing of every study of the index (its first ``max_scans`` scans, or
+    all with ``None``)."""
     index = read_index(cfg.train_data)
     batching = batch_config(cfg, patch_size)
     studies = [

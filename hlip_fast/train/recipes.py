@@ -50,6 +50,28 @@ RECIPES = {
         {**_HLIP, "model": "vit_base_multiscan_h2_token1176", "max_tokens": 16384},
         {"text_model": _PRETRAINED_TEXT},
     ),
+    "hlip-dual-mri": Recipe(
+        "HLIP's dual model on brain MRI (MR-RATE, its 2026-04 command): ViT-B, scan+study attention, "
+        "48x224x224 scans of 1,568 tokens, DINO.txt pooling with a register token, no scan-sequence "
+        "embedding, up to 6 scans and 32 studies per GPU step; the class token meets a sampled report "
+        "sentence, the register the whole report; lr 2e-4, 2,400 warm-up steps, 40 epochs, text unlocked",
+        {
+            **_HLIP,
+            "model": "vit_base_scan_study_dualdinotxt1568",
+            "vision_pooling": "dinotxt",
+            "embed_dim": 768,
+            "lr": 2e-4,
+            "warmup": 2400,
+            "epochs": 40,
+            "lock_text": False,
+            "local_loss": True,
+            "gather_with_grad": True,
+            "max_scans": 6,
+            "max_studies": 32,
+            "max_tokens": 32 * 6 * 1568,
+        },
+        {"text_model": _PRETRAINED_TEXT},
+    ),
     "scratch-tiny": Recipe(
         "a tiny model from scratch that learns on a CPU in minutes (the demo's settings): a 48-wide "
         "encoder, a 2-layer BERT built from the training reports, warmed up by masked-language "

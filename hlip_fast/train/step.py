@@ -116,8 +116,8 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def _tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The batch's report tokens: made by the reader, or here for a batch made without them."""
-        return batch.text if batch.text is not None else self.model.tokenize(batch.reports)
+        """The batch's text tokens: made by the reader, or here for a batch made without them."""
+        return batch.text if batch.text is not None else self.model.tokenize(batch.texts)
 
     def __call__(self, micro: list[Batch]) -> dict:
         """Forward, backward and update on ``micro`` (``accum_freq`` batches), with no host sync:

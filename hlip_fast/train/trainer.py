@@ -58,7 +58,7 @@ class Trainer:
         self.cfg, self.dist = cfg, dist
         self.console = console or Console.silent()
         vision = get_config(cfg.model)
-        self.plan = plan_epoch(cfg, vision.patch_size, cfg.max_scans or vision.max_num_scans)
+        self.plan = plan_epoch(cfg, vision.patch_size, cfg.max_scans or vision.max_num_scans or None)
         if problems := plan_problems(cfg, self.plan, vision.patch_size, dist.world_size):
             raise ValueError(problem_list("these data and settings cannot train", problems))
         name = cfg.name or D.broadcast(datetime.now().strftime("hlip-%Y%m%d-%H%M%S"))
