@@ -44,7 +44,7 @@ class ClipConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.embed_dim < 1 or self.input_std <= 0:
             raise ValueError(f"need embed_dim >= 1 and input_std > 0, got {self.embed_dim}, {self.input_std}")
-        embeddings = self.vision.num_prefix_tokens if self.vision.pooling == "dinotxt" else 1
+        embeddings = self.vision.num_embeddings
         if (self.loss == "dual") != (embeddings == 2) or embeddings > 2:
             raise ValueError(
                 f"loss {self.loss!r} with {embeddings} embedding(s) per study (pooling "

@@ -171,18 +171,13 @@ def load_hlip_checkpoint(
         vision=vision_config,
         text=TextConfig(text, pretrained=False),
         embed_dim=state["visual_proj.weight"].shape[0],
-        loss="siglip" if "logit_bias" in state else "dual" if _embeddings(vision_config) == 2 else "clip",
+        loss="siglip" if "logit_bias" in state else "dual" if vision_config.num_embeddings == 2 else "clip",
         input_mean=input_mean,
         input_std=input_std,
     )
     model = HLIPModel(config)
     _load_weights(model, state, str(path))
     return model.eval()
-
-
-def _embeddings(vision: VisionConfig) -> int:
-    """Study embeddings the encoder gives: one, or two for HLIP's dual models."""
-    return vision.num_prefix_tokens if vision.pooling == "dinotxt" else 1
 
 
 def save_pretrained(model: HLIPModel, out_dir: str | os.PathLike) -> Path:

@@ -110,6 +110,11 @@ class VisionConfig:
         return 1 + self.reg_tokens
 
     @property
+    def num_embeddings(self) -> int:
+        """Embeddings per study: one per prefix token with DINO.txt pooling, else one."""
+        return self.num_prefix_tokens if self.pooling == "dinotxt" else 1
+
+    @property
     def num_features(self) -> int:
         """Width of a pooled embedding: ``2 × embed_dim`` with DINO.txt pooling."""
         return 2 * self.embed_dim if self.pooling == "dinotxt" else self.embed_dim
