@@ -2,8 +2,9 @@
 config the autotuner may choose (``hlip_fast.kernels.configs.autotune_configs``) x every item
 height the schedule may choose x head dims 32, 64, 80, 128 (80 runs as the 128 tile) x bf16,
 fp16 and fp32 (refused on GPUs; compiled with the bf16 configs to show why) x each claimed
-architecture. Per build: registers, spill bytes, shared memory against the architecture's
-limit, tensor-core family and programs per SM. Writes
+architecture x one and two class rows per segment (``configs.PREFIXES``; fp32 at one only).
+Per build: registers, spill bytes, shared memory against the architecture's limit, tensor-core
+family and programs per SM. Writes
 ``bench/results/kernel_build_triton-<version>_<date>.json``.
 
     python bench/kernel_build.py               # the full report (minutes on 2 cores)
@@ -56,7 +57,10 @@ def source_key() -> str:
 
 
 def jobs(dtypes: tuple[str, ...]) -> list[tuple]:
-    """``(kernel, arch, dtype, head_dim, block_m, config, offered)`` for every distinct build."""
+    """``(kernel, arch, dtype, head_dim, block_m, config, prefix, offered)`` for every distinct
+    build: the offered dtypes at every prefix the kernels are built for (offered up to the
+    prefix's head dim, ``configs.PREFIX_HEAD_DIMS``; beyond it compiled to show why not), the
+    refused dtype at one."""
     out = []
     tiles = {configs.block_d(d): d for d in HEAD_DIMS}  # one build per head-dim tile
     for arch in configs.CLAIMED:
@@ -68,13 +72,16 @@ def jobs(dtypes: tuple[str, ...]) -> list[tuple]:
                     for block_m in configs.BLOCK_MS:
                         asked = dtype if offered else "bfloat16"
                         for config in configs.autotune_configs(kernel, capability, asked, head_dim, block_m):
-                            out.append((kernel, arch, dtype, head_dim, block_m, config, offered))
+                            for prefix in configs.PREFIXES if offered else configs.PREFIXES[:1]:
+                                served = offered and configs.prefix_reason(prefix, head_dim) is None
+                                out.append((kernel, arch, dtype, head_dim, block_m, config, prefix, served))
     return out
 
 
 def candidate_jobs() -> list[tuple]:
     """Every candidate config for every kernel, head-dim tile, item height and claimed
-    architecture, in bf16 (fp16 builds the same code)."""
+    architecture, in bf16 (fp16 builds the same code), at one class row per segment (the gate
+    holds the chosen ones at two as well)."""
     shapes = [tuple(zip(CANDIDATES, values)) for values in itertools.product(*CANDIDATES.values())]
     out = []
     for arch in configs.CLAIMED:
@@ -84,7 +91,7 @@ def candidate_jobs() -> list[tuple]:
                     for part_m in {0, configs.PART_M if block_m > configs.PART_M else 0}:
                         for shape in shapes:
                             config = configs.KernelConfig(**dict(shape), part_m=part_m)
-                            out.append((kernel, arch, "bfloat16", head_dim, block_m, config, True))
+                            out.append((kernel, arch, "bfloat16", head_dim, block_m, config, 1, True))
     return out
 
 
@@ -159,15 +166,18 @@ def compile_all(todo: list[tuple], workers: int) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per architecture and dtype: builds, spilling, overflowing, registers, tensor cores, programs/SM."""
+    """Per architecture, dtype and offered or not: class rows per segment and head-dim tiles
+    built, builds, spilling, overflowing, registers, tensor cores, programs/SM."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["arch"], row["dtype"]), []).append(row)
+        groups.setdefault((row["arch"], row["dtype"], not row["offered"]), []).append(row)
     return [
         {
             "arch": arch,
             "dtype": dtype,
-            "offered": group[0]["offered"],
+            "offered": not refused,
+            "prefixes": sorted({r["prefix"] for r in group}),
+            "head_dims": sorted({r["block_d"] for r in group}),
             "builds": len(group),
             "spilling": sum(r["spills"] for r in group),
             "max_spill_bytes": max(r["spill_stores"] for r in group),
@@ -181,17 +191,19 @@ def summary(rows: list[dict]) -> list[dict]:
                 max(r["programs_per_sm"] for r in group),
             ],
         }
-        for (arch, dtype), group in groups.items()
+        for (arch, dtype, refused), group in sorted(groups.items())
     ]
 
 
 def print_summary(rows: list[dict]) -> None:
-    line = "{:<8} {:<9} {:>7} {:>6} {:>9} {:>6} {:>9} {:>16} {:<8} {:>8}"
+    line = "{:<8} {:<9} {:>7} {:>5} {:>10} {:>6} {:>9} {:>6} {:>9} {:>16} {:<8} {:>8}"
     print(
         line.format(
             "arch",
             "dtype",
             "offered",
+            "P",
+            "head dims",
             "builds",
             "spilling",
             "smem>",
@@ -207,6 +219,8 @@ def print_summary(rows: list[dict]) -> None:
                 s["arch"],
                 s["dtype"],
                 "yes" if s["offered"] else "no",
+                ",".join(map(str, s["prefixes"])),
+                ",".join(map(str, s["head_dims"])),
                 s["builds"],
                 s["spilling"],
                 s["over_shared"],
@@ -219,7 +233,15 @@ def print_summary(rows: list[dict]) -> None:
 
 
 def _key(row: dict) -> tuple:
-    return row["kernel"], row["arch"], row["dtype"], row["block_d"], row["block_m"], row["config"]
+    return (
+        row["kernel"],
+        row["arch"],
+        row["dtype"],
+        row["block_d"],
+        row["block_m"],
+        row["prefix"],
+        row["config"],
+    )
 
 
 def newest_report() -> dict | None:
@@ -230,7 +252,7 @@ def newest_report() -> dict | None:
 def check(workers: int) -> int:
     """The gate: every offered build clean, proven by a matching report and a recompiled sample,
     or by compiling every offered build now."""
-    todo = jobs(configs.DTYPES)
+    todo = [job for job in jobs(configs.DTYPES) if job[-1]]  # the offered builds
     report = newest_report()
     if report is not None and report["source_key"] == source_key():
         rows = {_key(r): r for r in report["builds"]}
@@ -256,6 +278,7 @@ def check(workers: int) -> int:
     for r in bad:
         print(
             f"SPILL/SHARED: {r['kernel']} {r['arch']} {r['dtype']} d{r['block_d']} m{r['block_m']} "
+            f"P{r['prefix']} "
             f"{r['config']}: "
             f"{r['spill_stores']} B spill stores, shared {r['shared']} of {r['shared_limit']}",
             file=sys.stderr,
@@ -269,13 +292,14 @@ def check(workers: int) -> int:
 
 def _job_fields(job: tuple) -> dict:
     """The identifying fields of a job, named as a report row names them."""
-    kernel, arch, dtype, head_dim, block_m, config, _ = job
+    kernel, arch, dtype, head_dim, block_m, config, prefix, _ = job
     return {
         "kernel": kernel,
         "arch": arch,
         "dtype": dtype,
         "block_d": configs.block_d(head_dim),
         "block_m": block_m,
+        "prefix": prefix,
         "config": config.name,
     }
 

@@ -3,7 +3,7 @@ every figure the README shows is one a script printed and recorded.
 
 Each section sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; ``NAME`` is
 the result kind (``demo``, ``encoder``, ``attention``, ``data``, ``data_ct_rate``, ``train``,
-``tile_model``, ``layout``, ``kernel_build``) and its newest
+``tile_model``, ``layout``, ``kernel_build``, ``monai_vit``) and its newest
 ``bench/results/NAME_cpu_<date>.json`` fills it (``NAME_<date>.json`` for the device-free kinds;
 ``kernel_build`` shows the newest report of each triton version).
 
@@ -351,6 +351,8 @@ def kernel_build(path: Path, result: dict) -> str:
         "arch",
         "dtype",
         "offered",
+        "class rows / segment",
+        "head-dim tiles",
         "builds",
         "spilling",
         "over shared memory",
@@ -367,6 +369,8 @@ def kernel_build(path: Path, result: dict) -> str:
                 s["arch"],
                 s["dtype"],
                 "yes" if s["offered"] else "refused",
+                ", ".join(map(str, s["prefixes"])),
+                ", ".join(map(str, s["head_dims"])),
                 f"{s['builds']}",
                 f"{s['spilling']}" + (f" (≤ {s['max_spill_bytes']:,} B)" if s["spilling"] else ""),
                 f"{s['over_shared']}",
@@ -427,6 +431,37 @@ def prepare(path: Path, result: dict) -> str:
     return text + "\n"
 
 
+def monai_vit(path: Path, result: dict) -> str:
+    c = result["config"]
+    names = {
+        "monai": "MONAI as shipped (einsum attention)",
+        "monai_flash": "MONAI, `use_flash_attention=True`",
+        "hlip_fast": f'`hierarchical(vit, "{c["schedule"]}")`',
+    }
+    rows = []
+    for r in result["results"]:
+        if r["median_s"] is None:
+            refused = "can't allocate memory" in (r["error"] or "")
+            why = f"out of memory under the {c['cap_gb']:.0f} GB cap" if refused else f"failed: {r['error']}"
+            peak = "–" if r["peak_mb"] is None else f"{r['peak_mb'] / 1024:.1f} when refused"
+            rows.append([names[r["variant"]], why, peak, "–"])
+            continue
+        speedup = r["speedup_over_flash"]
+        rows.append([
+            names[r["variant"]],
+            f"{r['median_s']:.1f}",
+            f"{r['peak_mb'] / 1024:.1f}",
+            "–" if speedup is None else f"{speedup:.2f}×",
+        ])  # fmt: skip
+    shape = "×".join(map(str, c["shape"]))
+    header = ["model", "s / step", "peak resident GB", "vs MONAI flash"]
+    return (
+        f"`{result['command']}` — {_machine(result)}, one {shape} volume ({c['tokens']:,} tokens), "
+        f"medians of {c['repeats']} steps after one warm-up, {c['cap_gb']:.0f} GB address-space cap "
+        f"per variant ({_source(path)}):\n\n" + _table(header, rows) + "\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "demo": demo,
     "encoder": encoder,
@@ -438,6 +473,7 @@ RENDERERS: dict[str, Callable[[Path, dict], str]] = {
     "tile_model": tile_model,
     "layout": layout,
     "kernel_build": kernel_build,
+    "monai_vit": monai_vit,
 }
 
 

@@ -370,3 +370,21 @@ def test_backend_support_is_data_checked_in_one_place():
     assert unsupported_reason(
         Support({"any": DeviceSupport((torch.float32,))}, missing="no module"), call()
     ) == ("no module")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_attention_dropout_keeps_the_mean_and_is_refused_where_not_served(backend, rng):
+    """Dropout on the attention weights, a training option: each call draws its own mask, and
+    the draws average to the output without dropout; backends without it refuse the call."""
+    layout = random_layout(rng)
+    q, k, v = random_rows(layout, "scan", True)
+    plain = hier_attention(q, k, v, layout, "scan", backend=backend)
+    draws = torch.stack(
+        [hier_attention(q, k, v, layout, "scan", backend=backend, dropout_p=0.25) for _ in range(600)]
+    )
+    assert not torch.equal(draws[0], draws[1])
+    assert ((draws.mean(0) - plain).abs().mean() / plain.abs().mean()) < 0.1
+    with pytest.raises(RuntimeError, match="no dropout on the attention weights"):
+        hier_attention(q, k, v, layout, "scan", backend="flex", dropout_p=0.25)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        hier_attention(q, k, v, layout, "scan", dropout_p=1.0)

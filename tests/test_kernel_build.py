@@ -5,6 +5,7 @@ sm_100a by the running triton)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -47,8 +48,10 @@ def test_configs_are_offered_for_every_served_case(arch):
     for kernel in configs.KERNELS:
         for dtype in configs.DTYPES:
             for head_dim in range(configs.HEAD_DIMS[0], configs.HEAD_DIMS[1] + 1, configs.HEAD_DIM_MULTIPLE):
-                for block_m in configs.BLOCK_MS:
-                    offered = configs.autotune_configs(kernel, capability, dtype, head_dim, block_m)
+                for block_m, prefix in itertools.product(configs.BLOCK_MS, configs.PREFIXES):
+                    if head_dim > configs.PREFIX_HEAD_DIMS[prefix]:
+                        continue
+                    offered = configs.autotune_configs(kernel, capability, dtype, head_dim, block_m, prefix)
                     assert len(set(offered)) == len(offered) >= 2  # a real choice for autotuning
                     parts = (0, configs.PART_M) if block_m > configs.PART_M else (0,)
                     for config in offered:
@@ -77,6 +80,8 @@ def test_the_offered_configs_are_the_ones_chosen_from_the_recorded_candidates():
         (("dkdv", (8, 0), "float16", 40, 64), "a multiple of 16"),
         (("fwd", (10, 0), "bfloat16", 256, 64), "head_dim 256 outside"),
         (("fwd", (9, 0), "bfloat16", 64, 32), "item height 32 is not one of (64, 128)"),
+        (("dq", (8, 6), "bfloat16", 128, 64, 2), "2 class rows per segment are served up to head_dim 64"),
+        (("fwd", (9, 0), "float16", 64, 64, 3), "3 class rows per segment are not built (builds: 1, 2)"),
     ],
 )
 def test_configs_refuse_what_the_kernels_do_not_serve(args, message):
@@ -130,10 +135,25 @@ def test_an_unclaimed_gpu_is_refused_naming_the_claimed_ones(monkeypatch):
     reason = unclaimed_reason((12, 0))
     assert reason.startswith("compute capability 12.0 is not claimed") and "sm_90a" in reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert gpu_support().device_check(torch.device("cuda")).startswith("compute capability 7.5")
-    checked = Support({"cpu": DeviceSupport((torch.float32,))}, device_check=lambda device: f"no {device}")
+    assert gpu_support().check(_call(64, torch.bfloat16)).startswith("compute capability 7.5")
+    checked = Support({"cpu": DeviceSupport((torch.float32,))}, check=lambda call: f"no {call.q.device}")
     assert unsupported_reason(checked, _call(16, torch.float32)) == "no cpu"  # asked last, after the rest
     assert unsupported_reason(checked, _call(16, torch.float16)).startswith("dtype torch.float16")
+
+
+def test_the_gpu_backend_refuses_class_rows_its_builds_do_not_serve(monkeypatch):
+    """Two class rows per segment (register tokens) to head dim 64; three not at all."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    layout = Layout.build([(1, 2, 2)], [1])
+
+    def call(prefix: int, dim: int) -> AttentionCall:
+        q = torch.zeros(4 + prefix, 1, dim, dtype=torch.bfloat16)
+        return AttentionCall(q, q, q, layout, "scan", 1.0, "scan", prefix=prefix)
+
+    check = gpu_support().check
+    assert check(call(1, 128)) is None and check(call(2, 64)) is None
+    assert check(call(2, 128)).startswith("2 class rows per segment are served up to head_dim 64")
+    assert check(call(3, 64)).startswith("3 class rows per segment are not built")
 
 
 def test_autotuned_names_the_chosen_configs(monkeypatch):
@@ -142,7 +162,7 @@ def test_autotuned_names_the_chosen_configs(monkeypatch):
     class Tuned:  # what triton.autotune keeps: the chosen config per tuning key
         cache = {("3",): triton.Config({"BLOCK_N": 64, "PART_M": 64}, num_warps=8, num_stages=2)}
 
-    monkeypatch.setattr(hier_attention, "_tuned", {("dkdv", (9, 0), "bfloat16", 64, 128): Tuned()})
+    monkeypatch.setattr(hier_attention, "_tuned", {("dkdv", (9, 0), "bfloat16", 64, 128, 2): Tuned()})
     assert hier_attention.autotuned() == [
         {
             "kernel": "dkdv",
@@ -150,6 +170,7 @@ def test_autotuned_names_the_chosen_configs(monkeypatch):
             "dtype": "bfloat16",
             "head_dim": 64,
             "block_m": 128,
+            "prefix": 2,
             "tuning_key": ["3"],
             "config": "n64 w8 s2 part64",
         }

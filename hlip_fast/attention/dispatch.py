@@ -39,6 +39,8 @@ class AttentionCall:
     than ``level``, spare rows follow ``level``'s copies (see :meth:`Layout.class_rows_level`)."""
     prefix: int = 1
     """Class-token copies per segment (the prefix tokens: class token and registers)."""
+    dropout_p: float = 0.0
+    """Dropout on the attention weights (a training-time option; 0 in evaluation)."""
 
     @property
     def class_tokens(self) -> bool:
@@ -88,8 +90,11 @@ class Support:
     devices: dict[str, DeviceSupport]
     missing: str | None = None
     hint: str = ""
-    device_check: Callable[[torch.device], str | None] | None = None
-    """A last check of the inputs' device (e.g. a GPU's compute capability): ``None`` or why not."""
+    check: Callable[[AttentionCall], str | None] | None = None
+    """A last check of the call (a GPU's compute capability, limits that depend on the class
+    rows): ``None`` or why not."""
+    dropout: bool = False
+    """Whether the backend drops attention weights (``dropout_p > 0``)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,8 @@ def unsupported_reason(support: Support, call: AttentionCall) -> str | None:
     """``None`` when ``support`` covers ``call``, else the first reason it does not."""
     if support.missing:
         return support.missing
+    if call.dropout_p and not support.dropout:
+        return f"no dropout on the attention weights (asked for dropout_p={call.dropout_p})"
     device = call.q.device.type
     entry = support.devices.get(device, support.devices.get("any"))
     if entry is None:
@@ -135,7 +142,7 @@ def unsupported_reason(support: Support, call: AttentionCall) -> str | None:
         with_backward = [d for d, e in support.devices.items() if e.backward]
         names = " or ".join(_DEVICE_NAMES.get(d, d) for d in with_backward) or "no device"
         return f"backward runs only on {names} (the {device} path is forward-only)"
-    return support.device_check(call.q.device) if support.device_check else None
+    return support.check(call) if support.check else None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -171,6 +178,7 @@ def hier_attention(
     backend: str = "auto",
     scale: float | None = None,
     prefix: int = 1,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Block-diagonal attention over the segments of ``level``.
 
@@ -188,11 +196,13 @@ def hier_attention(
             environment variable ``HLIP_FAST_ATTN_BACKEND``, when set, names the backend.
         scale: softmax scale; ``head_dim ** -0.5`` by default.
         prefix: class-token copies per segment (1 + the model's register tokens).
+        dropout_p: dropout on the attention weights, for training (pass 0 in evaluation);
+            only the backends that declare it run such a call (``sdpa``, ``reference``).
 
     Returns:
         The attention output, shaped like ``q``.
     """
-    call = _make_call(q, k, v, layout, level, scale, prefix)
+    call = _make_call(q, k, v, layout, level, scale, prefix, dropout_p)
     chosen = _choose(call, backend)
     if not torch.compiler.is_compiling():
         logger.debug("hier_attention level=%s rows=%d backend=%s", level, q.shape[0], chosen.name)
@@ -242,10 +252,14 @@ def select_backend(
     return _choose(_make_call(q, k, v, layout, level, None, prefix), backend).name
 
 
-def _make_call(q, k, v, layout: Layout, level: str, scale: float | None, prefix: int = 1) -> AttentionCall:
+def _make_call(
+    q, k, v, layout: Layout, level: str, scale: float | None, prefix: int = 1, dropout_p: float = 0.0
+) -> AttentionCall:
     check_level(level)
     if prefix < 1:
         raise ValueError(f"prefix must be >= 1 (class-token copies per segment), got {prefix}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             "q, k, v must share one shape (rows, heads, head_dim); got "
@@ -267,6 +281,7 @@ def _make_call(q, k, v, layout: Layout, level: str, scale: float | None, prefix:
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         class_rows_level=layout.class_rows_level(level, q.shape[0], prefix),
         prefix=prefix,
+        dropout_p=float(dropout_p),
     )
 
 
@@ -290,6 +305,7 @@ def _choose(call: AttentionCall, backend: str, fixed_graph: bool = False) -> Bac
         q.shape[-1],
         q.device.type,
         call.needs_grad,
+        call.dropout_p > 0,
         fixed_graph,
     )
     return _BACKENDS[call.layout.cached(("auto_backend", *kind), lambda: _rank(call, fixed_graph).name)]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import AttentionCall, Backend, DeviceSupport, Support
 
-_SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.float32, torch.float64))})
+_SUPPORT = Support(
+    {"any": DeviceSupport((torch.float16, torch.bfloat16, torch.float32, torch.float64))}, dropout=True
+)
 
 
 def reference_attention(call: AttentionCall) -> torch.Tensor:
@@ -16,7 +19,8 @@ def reference_attention(call: AttentionCall) -> torch.Tensor:
     ``N + s·prefix`` to ``N + (s+1)·prefix``.
     Segments tile the patch rows in order, so concatenating the per-segment outputs (patch
     parts, then class parts) restores the input's row order. A spare row attends to itself
-    only: a softmax over one key, so its output is its value row.
+    only: a softmax over one key, so its output is its value row. With ``dropout_p``, the
+    weights are dropped (and the rest scaled by ``1 / (1 - p)``) as ``nn.Dropout`` does.
     """
     q, k, v, n, prefix = call.q, call.k, call.v, call.layout.num_tokens, call.prefix
     cu = call.layout.level(call.level).cu_seqlens.tolist()
@@ -28,7 +32,8 @@ def reference_attention(call: AttentionCall) -> torch.Tensor:
             c = slice(n + s * prefix, n + (s + 1) * prefix)
             qs, ks, vs = torch.cat([qs, q[c]]), torch.cat([ks, k[c]]), torch.cat([vs, v[c]])
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * call.scale
-        out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), vs)
+        weights = F.dropout(scores.softmax(dim=-1), call.dropout_p)  # p = 0: the weights themselves
+        out = torch.einsum("hqk,khd->qhd", weights, vs)
         patch_out.append(out[: b - a])
         class_out.append(out[b - a :])
     return torch.cat(patch_out + class_out + [v[call.active_rows :]])

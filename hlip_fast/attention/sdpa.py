@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from .dispatch import AttentionCall, Backend, DeviceSupport, Support
 from .permutation import permute_rows
 
-_SUPPORT = Support({"any": DeviceSupport((torch.float16, torch.bfloat16, torch.float32, torch.float64))})
+_SUPPORT = Support(
+    {"any": DeviceSupport((torch.float16, torch.bfloat16, torch.float32, torch.float64))}, dropout=True
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def sdpa_attention(call: AttentionCall) -> torch.Tensor:
     outs = []
     for i, shape in enumerate(plan.groups):
         group = (t[i].unflatten(0, shape).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(*group, scale=call.scale)
+        dropout = {"dropout_p": call.dropout_p} if call.dropout_p else {}  # none: as traced before
+        out = F.scaled_dot_product_attention(*group, scale=call.scale, **dropout)
         outs.append(out.transpose(1, 2).reshape(-1, heads, dim))
     if call.spare_rows:
         outs.append(v[-1])  # a spare row attends to itself only

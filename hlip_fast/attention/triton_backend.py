@@ -161,8 +161,16 @@ def gpu_support() -> Support:
         dtype_note="float32 builds spill registers, use no tensor cores: cast to bfloat16 or use flex/sdpa",
     )
     hint = "or TRITON_INTERPRET=1 for CPU tensors"
-    check = lambda device: unclaimed_reason(torch.cuda.get_device_capability(device))  # noqa: E731
-    return Support({"cuda": gpu}, hint=hint, device_check=check)
+    return Support({"cuda": gpu}, hint=hint, check=_gpu_check)
+
+
+def _gpu_check(call: AttentionCall) -> str | None:
+    """The GPU's architecture, then the class rows per segment the builds serve at this head dim."""
+    from hlip_fast.kernels import configs
+
+    if reason := unclaimed_reason(torch.cuda.get_device_capability(call.q.device)):
+        return reason
+    return configs.prefix_reason(call.prefix if call.class_tokens else 1, call.q.shape[-1])
 
 
 def unclaimed_reason(capability: tuple[int, int]) -> str | None:

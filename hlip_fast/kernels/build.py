@@ -24,10 +24,6 @@ from dataclasses import asdict, dataclass
 from .configs import ARCHITECTURES, KernelConfig, block_d
 
 _CONSTEXPRS = ("P", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PART_M", "PRECISION")
-BUILD_PREFIX = 1
-"""The ``P`` constexpr of the builds: at most one class row per segment (HLIP's class token, or
-none), the build every model without register tokens runs. With registers (``P = 2``, the dual
-models) the kernels compile apart; those builds are not in the report."""
 _FLOAT_POINTERS = ("LSE", "DELTA")
 _INT_POINTERS = ("cu", "items")
 _SCALARS = ("qk_scale", "sm_scale")
@@ -43,6 +39,7 @@ class Build:
     dtype: str
     block_d: int
     block_m: int
+    prefix: int
     config: KernelConfig
     registers: int
     spill_stores: int
@@ -120,11 +117,12 @@ def _tensor_cores(ptx: str) -> str:
 
 
 def compile_kernel(
-    kernel: str, arch: str, dtype: str, head_dim: int, block_m: int, config: KernelConfig
+    kernel: str, arch: str, dtype: str, head_dim: int, block_m: int, config: KernelConfig, prefix: int = 1
 ) -> Build:
     """Build ``kernel`` (``"fwd"``, ``"dq"`` or ``"dkdv"``) for ``arch`` (a key of
     :data:`ARCHITECTURES`), inputs of ``dtype`` (``"bfloat16"``, ``"float16"``, ``"float32"``),
-    ``head_dim`` and items of ``block_m`` rows, with ``config``; return what the build costs."""
+    ``head_dim``, items of ``block_m`` rows and ``prefix`` class rows per segment (the ``P``
+    constexpr, one of :data:`PREFIXES`), with ``config``; return what the build costs."""
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cached build would skip ptxas and its report
     import triton
     from triton import knobs
@@ -139,7 +137,7 @@ def compile_kernel(
     target = ARCHITECTURES[arch]
     signature, attrs = _signature(function, dtype)
     constexprs = {
-        "P": BUILD_PREFIX,
+        "P": prefix,
         "BLOCK_M": block_m,
         "BLOCK_N": config.block_n,
         "BLOCK_D": block_d(head_dim),
@@ -165,6 +163,7 @@ def compile_kernel(
         dtype=dtype,
         block_d=block_d(head_dim),
         block_m=block_m,
+        prefix=prefix,
         config=config,
         shared=shared,
         shared_limit=target.shared_per_block,

@@ -117,6 +117,14 @@ CLAIMED = ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a")
 """Architectures the triton backend runs on: every offered build is spill-free and fits shared
 memory there (checked in CI). Other GPUs get the other backends."""
 
+PREFIX_HEAD_DIMS = {1: 128, 2: 64}
+"""Class rows per segment the kernels are built for (the ``P`` constexpr), each compiled apart,
+and the largest head dim served with them: one (HLIP's class token, or none) to 128; two (class
+and register token, the dual models) to 64, every HLIP model's head dim, because at the 128
+tile the dq builds of 64-row items spill on sm_86 and sm_89 and the forward's on sm_100a (the
+build report compiles them, refused, to show it)."""
+PREFIXES = tuple(PREFIX_HEAD_DIMS)
+
 DTYPES = ("bfloat16", "float16")
 """Input dtypes the kernels take on a GPU. float32 is refused: its IEEE-precision builds spill
 tens of KB per thread and use no tensor cores (the build report lists them)."""
@@ -132,13 +140,26 @@ def architecture(capability: tuple[int, int]) -> Architecture | None:
     return next((ARCHITECTURES[n] for n in CLAIMED if ARCHITECTURES[n].capability == tuple(capability)), None)
 
 
+def prefix_reason(prefix: int, head_dim: int) -> str | None:
+    """Why the kernels do not serve ``prefix`` class rows per segment at ``head_dim`` (``None``:
+    they do; see :data:`PREFIX_HEAD_DIMS`)."""
+    if prefix not in PREFIX_HEAD_DIMS:
+        return f"{prefix} class rows per segment are not built (builds: {', '.join(map(str, PREFIXES))})"
+    if head_dim > PREFIX_HEAD_DIMS[prefix]:
+        return (
+            f"{prefix} class rows per segment are served up to head_dim {PREFIX_HEAD_DIMS[prefix]} "
+            f"(got {head_dim}): those builds spill registers"
+        )
+    return None
+
+
 def autotune_configs(
-    kernel: str, capability: tuple[int, int], dtype: str, head_dim: int, block_m: int
+    kernel: str, capability: tuple[int, int], dtype: str, head_dim: int, block_m: int, prefix: int = 1
 ) -> list[KernelConfig]:
     """The configs the autotuner may choose among for ``kernel`` (``"fwd"``, ``"dq"``,
     ``"dkdv"``) on a GPU of ``capability``, inputs of ``dtype`` (``"bfloat16"`` or ``"float16"``),
-    ``head_dim`` and items of ``block_m`` rows (one of :data:`BLOCK_MS`). Raises ``ValueError``
-    for what the kernels do not serve, naming the limit."""
+    ``head_dim``, items of ``block_m`` rows (one of :data:`BLOCK_MS`) and ``prefix`` class rows
+    per segment. Raises ``ValueError`` for what the kernels do not serve, naming the limit."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if architecture(capability) is None:
@@ -151,4 +172,6 @@ def autotune_configs(
         )
     if block_m not in BLOCK_MS:
         raise ValueError(f"item height {block_m} is not one of {BLOCK_MS}")
+    if reason := prefix_reason(prefix, head_dim):
+        raise ValueError(reason)
     return [KernelConfig(*shape) for shape in _SHAPES[kernel, block_d(head_dim), block_m]]

@@ -240,7 +240,7 @@ def _launcher(name: str, q, block_m: int, num_items: int, prefix: int):
     """``(kernel, grid, constants)`` for kernel ``name`` on ``q``'s device and dtype with items of
     ``block_m`` rows and ``prefix`` class rows per segment (the ``P`` constexpr). On a GPU the
     kernel is autotuned over :func:`autotune_configs` for this
-    capability, dtype, head dim and item height, keyed on the schedule's segment-length bucket
+    capability, dtype, head dim, item height and ``prefix``, keyed on the schedule's segment-length bucket
     (so a level of short segments and one of long segments tune apart)."""
     kernel = KERNEL_FUNCTIONS[name]
     constants = {
@@ -253,7 +253,7 @@ def _launcher(name: str, q, block_m: int, num_items: int, prefix: int):
     import torch
 
     dtype = str(q.dtype).removeprefix("torch.")
-    key = (name, torch.cuda.get_device_capability(q.device), dtype, q.shape[-1], block_m)
+    key = (name, torch.cuda.get_device_capability(q.device), dtype, q.shape[-1], block_m, prefix)
     if key not in _tuned:
         configs = [
             triton.Config(_meta(c, block_m), num_warps=c.num_warps, num_stages=c.num_stages)
@@ -269,17 +269,18 @@ def _launcher(name: str, q, block_m: int, num_items: int, prefix: int):
 
 def autotuned() -> list[dict]:
     """What autotuning chose in this process: per kernel, GPU capability, dtype, head dim, item
-    height and tuning key (the segment-length bucket), the config's name (``bench/attention.py``
-    records it beside its times)."""
+    height, class rows per segment and tuning key (the segment-length bucket), the config's name
+    (``bench/attention.py`` records it beside its times)."""
     chosen = []
-    for (name, capability, dtype, head_dim, block_m), tuner in _tuned.items():
+    for (name, capability, dtype, head_dim, block_m, prefix), tuner in _tuned.items():
         for tuning_key, config in tuner.cache.items():
             rows = config.kwargs["PART_M"]
             part_m = rows if rows < block_m else 0
             picked = KernelConfig(config.kwargs["BLOCK_N"], config.num_warps, config.num_stages, part_m)
             chosen.append({
                 "kernel": name, "capability": list(capability), "dtype": dtype, "head_dim": head_dim,
-                "block_m": block_m, "tuning_key": [str(part) for part in tuning_key], "config": picked.name,
+                "block_m": block_m, "prefix": prefix, "tuning_key": [str(part) for part in tuning_key],
+                "config": picked.name,
             })
     return chosen
 

@@ -60,5 +60,8 @@ class HierarchicalAttention(nn.Module):
         if rope is not None:
             q, k = rope.rotate(q), rope.rotate(k)
         backend = backend or self.backend
-        out = hier_attention(q, k, v, layout, level, backend=backend, scale=self.scale, prefix=prefix)
+        # Every argument given: dynamo cannot lift keyword defaults inside a checkpointed block.
+        out = hier_attention(
+            q, k, v, layout, level, backend=backend, scale=self.scale, prefix=prefix, dropout_p=0.0
+        )
         return self.proj_drop(self.proj(out.reshape(rows, dim)))
