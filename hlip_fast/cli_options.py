@@ -88,6 +88,13 @@ def resolve_device(name: str):
         raise ValueError(f"--device {name!r}: {DEVICE_HELP}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: no CUDA device is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(
+            f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: {DEVICE_HELP}")
     return device
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import xxhash
@@ -62,3 +63,29 @@ def verify_file(path: Path, expected: str, size: int | None = None) -> None:
         raise IntegrityError(f"{path}: {actual_size} bytes, {size} written: the file is truncated or damaged")
     if file_digest(path) != expected:
         raise IntegrityError(f"{path}: checksum mismatch: the file is damaged")
+
+
+def first_non_finite(state: object, key: str = "") -> str | None:
+    """The key (dotted, through nested dicts and lists) of the first floating-point tensor in
+    ``state`` that holds a NaN or an infinity; ``None`` when every one is finite."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return key if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, Sequence) and not isinstance(state, str | bytes):
+        items = enumerate(state)
+    else:
+        return None
+    for name, value in items:
+        if (found := first_non_finite(value, f"{key}.{name}" if key else str(name))) is not None:
+            return found
+    return None
+
+
+def check_finite(state: object, where: str) -> None:
+    """Refuse weights (a state dict, or a checkpoint's nested state) holding NaN or infinity,
+    naming the first such key: a model loaded from them would only compute NaN."""
+    if (key := first_non_finite(state)) is not None:
+        raise IntegrityError(f"{where}: non-finite values (NaN or inf) in {key}; these weights are unusable")

@@ -34,7 +34,7 @@ from .clip import ClipConfig, HLIPModel
 from .data.config import HLIP_INPUT_MEAN, HLIP_INPUT_STD
 from .errors import IntegrityError
 from .files import read_json, write_json
-from .integrity import file_digest, verify_file
+from .integrity import check_finite, file_digest, verify_file
 from .models import VisionConfig
 from .models.registry import get_config
 from .text import TextConfig
@@ -146,6 +146,7 @@ def _load_weights(model: HLIPModel, state: Mapping[str, torch.Tensor], source: s
             f"mismatch {first}; missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"shape (checkpoint vs model) {shapes[:8]}"
         )
+    check_finite(state, source)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
@@ -235,4 +236,5 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     missing = [k for k in missing if not _OPTIONAL.fullmatch(k)]
     if missing or unexpected:
         raise ValueError(f"{root / WEIGHTS}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    check_finite(model.state_dict(), str(root / WEIGHTS))
     return model.to(device).eval()

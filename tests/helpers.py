@@ -64,3 +64,11 @@ class DiesOn:
                 self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return self.run(job)
+
+
+def sleep_then_echo(job: int) -> int:
+    """A pool job that takes a minute (a worker busy when its parent is killed)."""
+    import time
+
+    time.sleep(60)
+    return job

@@ -181,3 +181,21 @@ def test_pt_files_are_read_weights_only(tiny_text, tmp_path):
     torch.save({"state_dict": original.state_dict(), "extra": NotAWeight()}, file)
     with pytest.raises(ValueError, match="weights-only"):
         load_hlip_checkpoint(file, "vit_tiny_multiscan_h2", path)
+
+
+def test_non_finite_weights_are_refused_naming_the_first_key(tiny_text, tmp_path):
+    """An original checkpoint or an hlip_fast folder with one NaN tensor: no model, the key named."""
+    path, _ = tiny_text
+    original, _ = original_model("vit_tiny_multiscan_h2", path)
+    state = original.state_dict()
+    key = next(k for k in state if k.startswith("visual.") and k.endswith("attn.qkv.weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    torch.save({"state_dict": state}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in visual\.blocks\.0\.attn\.qkv"):
+        load_hlip_checkpoint(tmp_path / "nan.pt", "vit_tiny_multiscan_h2", path)
+    model = create_clip("vit_tiny_multiscan_h2", path, embed_dim=16)
+    with torch.no_grad():
+        model.visual_proj.weight[0, 0] = float("inf")
+    folder = hlip_fast.save_pretrained(model, tmp_path / "inf")
+    with pytest.raises(ValueError, match="model.safetensors: non-finite values .* in visual_proj.weight"):
+        hlip_fast.load_pretrained(folder)

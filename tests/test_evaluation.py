@@ -225,3 +225,20 @@ def test_hlip_embed_same_from_shards_manifest_and_folder(raw_corpus, saved_model
     skipped = json.loads(outputs["folder"][2]["skipped"])
     assert any(s["study_id"] == "zz_broken" and "scan.nii.gz" in s.get("file", "") for s in skipped)
     assert any(s["study_id"] == "zz_broken" and s.get("reason") == "no readable scan" for s in skipped)
+
+
+def test_hlip_embed_writes_no_non_finite_embeddings(raw_corpus, saved_model, tmp_path, monkeypatch, capsys):
+    """A model that computes NaN (weights checked elsewhere; here forced past the check): exit
+    non-zero with the count and the first study named, no output file."""
+    import hlip_fast.evaluation.cli as cli
+
+    model = hlip_fast.load_pretrained(saved_model)
+    with torch.no_grad():
+        model.visual_proj.weight.fill_(float("nan"))
+    monkeypatch.setattr(cli, "model_from_args", lambda args: model)
+    root, manifest = raw_corpus
+    out = tmp_path / "nan.safetensors"
+    common = ["--model", str(saved_model), "--grid", "32", "32", "--modality", "MR", "--quiet"]
+    assert embed_main([str(manifest), *common, "--out", str(out)]) != 0
+    assert "6 of 6 study embeddings are not finite (first: study" in capsys.readouterr().err
+    assert not out.exists()

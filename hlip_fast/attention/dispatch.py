@@ -159,6 +159,23 @@ def list_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def backend_problem(name: str, device_type: str) -> str | None:
+    """Why backend ``name`` (or ``"auto"``) cannot run on ``device_type`` here, before any call
+    (unknown, an optional import missing, another device), or ``None``."""
+    if name == "auto":
+        return None
+    if name not in _BACKENDS:
+        return f"unknown attention backend {name!r}; known: auto, {', '.join(list_backends())}"
+    support = _BACKENDS[name].support()
+    if support.missing:
+        return f"attention backend {name!r} is unavailable here: {support.missing}"
+    if device_type not in support.devices and "any" not in support.devices:
+        wanted = " or ".join(_DEVICE_NAMES.get(d, d) for d in support.devices)
+        hint = f" ({support.hint})" if support.hint else ""
+        return f"attention backend {name!r} needs {wanted}; this run is on {device_type}{hint}"
+    return None
+
+
 def available_backends(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, level: str, prefix: int = 1
 ) -> dict[str, str | None]:

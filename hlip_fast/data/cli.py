@@ -11,6 +11,7 @@ from pathlib import Path
 from ..boundary import command
 from ..cli_options import add_output_flags, add_preprocessing_flags, new_parser
 from ..console import Console
+from ..errors import RunStopped
 from ..files import read_json
 from .config import PrepareConfig
 from .synth import SIZES
@@ -144,6 +145,12 @@ def prepare_main(argv: list[str] | None = None) -> int:
             client = stack.enter_context(dask_client(args.scheduler, args.workers))
         index = _prepare(args, part, client)
     print(_summary(index, args.out))
+    if index["num_studies"] == 0:  # an empty folder is no result: stop as for too much damage
+        skipped = len(read_json(args.out / "skipped.json")["studies"])
+        raise RunStopped(
+            f"{args.out}: no study was stored ({skipped} skipped; their reasons are in "
+            f"{args.out / 'skipped.json'})"
+        )
     return 0
 
 

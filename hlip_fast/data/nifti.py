@@ -11,6 +11,7 @@ pending ``(slope, intercept)`` that preprocessing folds into its one float32 pas
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ def _inflaters() -> dict[str, Callable[[BinaryIO], BinaryIO]]:
     return found
 
 
+log = logging.getLogger(__name__)
 INFLATERS = _inflaters()
 INFLATER = next(iter(INFLATERS))
 """The inflater ``read_nifti`` uses: the first of ``isal``, ``zlib-ng``, ``zlib`` installed."""
@@ -99,10 +101,42 @@ def _header(stream: BinaryIO, where: Location):
         raise ValueError(f"{where}: not a NIfTI file (sizeof_hdr is neither 348 nor 540)")
     head += stream.read(klass.sizeof_hdr - len(head))
     try:
-        header = klass(binaryblock=head[: klass.sizeof_hdr], check=True)
+        header = klass(binaryblock=head[: klass.sizeof_hdr], check=False)
     except Exception as error:  # noqa: BLE001 - nibabel raises several kinds for a bad header
         raise ValueError(f"{where}: not a readable NIfTI header ({error})") from None
+    _check_spacing_fields(header, where)  # before nibabel's fixes replace them with defaults
+    messages = io.StringIO()
+    report = logging.getLogger(f"{__name__}.header")
+    report.propagate, handler = False, logging.StreamHandler(messages)
+    report.addHandler(handler)
+    try:
+        header.check_fix(logger=report, error_level=40)
+    except Exception as error:  # noqa: BLE001 - nibabel raises several kinds for a bad header
+        raise ValueError(f"{where}: not a readable NIfTI header ({error})") from None
+    finally:
+        report.removeHandler(handler)
+    for line in filter(None, messages.getvalue().splitlines()):  # nibabel's notes name no file
+        log.warning("%s: NIfTI header: %s", where, line)
     return header, len(head)
+
+
+def _check_spacing_fields(header, where: Location) -> None:
+    """The header fields the voxel spacing comes from, as stored: the sform's columns when its
+    code is set, else ``pixdim[1..3]`` (the qform's and the fallback's voxel sizes). Zero,
+    negative or non-finite sizes are an error naming the field: nibabel would set them to 1."""
+    if int(header["sform_code"]) > 0:
+        rows = np.stack([header["srow_x"], header["srow_y"], header["srow_z"]]).astype(np.float64)
+        for axis, norm in enumerate(np.sqrt((rows[:, :3] ** 2).sum(axis=0))):
+            if not (math.isfinite(norm) and norm > 0):
+                raise ValueError(
+                    f"{where}: the sform (srow_x/y/z, column {axis}) gives voxel size {norm} along axis "
+                    f"{axis}: not a usable spacing"
+                )
+        return
+    for axis in (1, 2, 3):
+        value = float(header["pixdim"][axis])
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{where}: pixdim[{axis}] is {value}: not a usable voxel size")
 
 
 def read_nifti(

@@ -35,6 +35,12 @@ def folder_manifest(root: str | Path) -> list[StudyEntry]:
         entries.append(StudyEntry(study.name, [ScanEntry(str(s)) for s in scans], report=""))
     if not entries:
         raise ValueError(f"{root}: no study sub-folders (expected one folder per study)")
+    if not any(entry.scans for entry in entries):
+        names = [entry.study_id for entry in entries]
+        raise ValueError(
+            f"{root}: none of its {len(names)} study folders holds a scan (a NIfTI file, a DICOM "
+            f"series folder or DICOM files): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+        )
     return entries
 
 

@@ -10,7 +10,9 @@ scaling); :func:`read_volume` gives them as contiguous float32 values.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +22,7 @@ import numpy as np
 if TYPE_CHECKING:  # nifti imports this module
     from .nifti import VoxelBuffer
 
+log = logging.getLogger(__name__)
 _ORIENTATION_TOL = 1e-3
 _SPACING_TOL = 0.1  # relative spread of slice gaps tolerated in one series
 SPACING_RANGE_MM = (0.01, 100.0)
@@ -203,9 +206,8 @@ def _read_nifti(path, max_voxels: int, buffer: VoxelBuffer | None) -> Volume:
 
 def _read_dicom_file(path: Path, max_voxels: int) -> Volume:
     """One DICOM file: a single slice or a multi-frame volume."""
-    import pydicom
 
-    ds = pydicom.dcmread(path)
+    ds = _read_dataset(path)
     if "PixelData" not in ds:
         raise ValueError(f"{path}: DICOM file without pixel data")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -215,13 +217,12 @@ def _read_dicom_file(path: Path, max_voxels: int) -> Volume:
 
 def _read_dicom_series(folder: Path, max_voxels: int) -> Volume:
     """All image files of one series folder; non-image files are skipped and recorded."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     datasets, paths, skipped = [], [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path)
+            ds = _read_dataset(path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as error:
             skipped.append((str(path), f"not a readable DICOM file: {error}"))
             continue
@@ -242,6 +243,18 @@ def _read_dicom_series(folder: Path, max_voxels: int) -> Volume:
     return _series_volume(datasets, paths, folder, skipped, max_voxels)
 
 
+def _read_dataset(path: Path):
+    """``pydicom.dcmread``, its warnings (which name no file) said again with the file's name."""
+    import pydicom
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path)
+    for warning in caught:
+        log.warning("%s: %s", path, warning.message)
+    return ds
+
+
 def _orientation(ds, where: Path) -> np.ndarray:
     if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
         raise ValueError(f"{where}: DICOM slice without ImageOrientationPatient/ImagePositionPatient")
@@ -254,7 +267,29 @@ def _pixel_spacing(ds, where: Path):
         raise ValueError(
             f"{where}: DICOM without PixelSpacing (0028,0030); its in-plane voxel size is unknown"
         )
-    return spacing
+    return [_positive(value, "PixelSpacing (0028,0030)", where) for value in spacing]
+
+
+def _positive(value, field: str, where: Path) -> float:
+    """A header's voxel size: finite and positive, or an error naming the field (never a default)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{where}: {field} is {value}: not a usable voxel size")
+    return number
+
+
+def _slice_step(ds, normal: np.ndarray, where: Path) -> np.ndarray:
+    """The slice step of a volume of one slice: its spacing tag along the normal, or an error."""
+    for name, tag in (("SpacingBetweenSlices", "(0018,0088)"), ("SliceThickness", "(0018,0050)")):
+        if ds.get(name) not in (None, ""):
+            return normal * _positive(ds.get(name), f"{name} {tag}", where)
+    raise ValueError(
+        f"{where}: one slice without SpacingBetweenSlices (0018,0088) or SliceThickness (0018,0050): "
+        "its slice spacing is unknown (give 'spacing' in the manifest)"
+    )
 
 
 def _series_volume(datasets: list, paths: list[Path], where: Path, skipped: list, max_voxels: int) -> Volume:
@@ -272,6 +307,9 @@ def _series_volume(datasets: list, paths: list[Path], where: Path, skipped: list
             raise ValueError(f"{where}: slices of different sizes in one series ({path.name})")
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in datasets])
+    if not np.isfinite(positions).all():
+        bad = paths[int(np.flatnonzero(~np.isfinite(positions).all(axis=1))[0])]
+        raise ValueError(f"{where}: ImagePositionPatient (0020,0032) of {bad.name} is not finite")
     order = np.argsort(positions @ normal, kind="stable")
     datasets = [datasets[i] for i in order]
     positions = positions[order]
@@ -285,7 +323,7 @@ def _series_volume(datasets: list, paths: list[Path], where: Path, skipped: list
     if len(gaps):
         step = (positions[-1] - positions[0]) / (len(positions) - 1)
     else:
-        step = normal * float(datasets[0].get("SpacingBetweenSlices", datasets[0].get("SliceThickness", 1.0)))
+        step = _slice_step(datasets[0], normal, paths[0])
     slices = [apply_rescale(ds.pixel_array.astype(np.float32), ds) for ds in datasets]
     array_xyz = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
     description = str(datasets[0].get("SeriesDescription", "") or "")
@@ -334,7 +372,7 @@ def _multiframe(ds, path: Path, max_voxels: int) -> Volume:
     frames = frames * float(ds.DoseGridScaling) if "DoseGridScaling" in ds else apply_rescale(frames, ds)
     step = (positions[-1] - positions[0]) / max(1, len(positions) - 1)
     if len(positions) == 1:
-        step = normal * float(geometry.get("SliceThickness", 1.0) or 1.0)
+        step = _slice_step(geometry, normal, path)
     description = str(ds.get("SeriesDescription", "") or "")
     pixel_spacing = _pixel_spacing(geometry, path)
     return _from_lps(

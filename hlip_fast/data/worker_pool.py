@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,7 +30,9 @@ def in_order(run: Callable[[J], R], jobs: list[J], workers: int, lost: Callable[
     context = multiprocessing.get_context("spawn")
 
     def new_pool(size: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(size, mp_context=context, initializer=_single_thread)
+        return ProcessPoolExecutor(
+            size, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+        )
 
     def isolated(suspects: list[int]) -> None:
         """Run each suspect alone on a one-process pool; a job that kills it is fatal, unless
@@ -74,7 +78,21 @@ def in_order(run: Callable[[J], R], jobs: list[J], workers: int, lost: Callable[
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _single_thread() -> None:
+PARENT_CHECK_S = 0.5
+"""How often a worker looks whether its parent still lives."""
+
+
+def _start_worker(parent: int) -> None:
+    """One torch thread per worker, and a watch that ends the worker when its parent dies: a
+    parent killed by SIGKILL (the out-of-memory killer, a scheduler) runs no clean-up, and its
+    workers would otherwise wait on their result pipes for ever, holding their memory."""
     import torch
 
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is re-parented (to init or a subreaper)
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)

@@ -87,7 +87,10 @@ def batches_from_args(model, args: argparse.Namespace, skipped: list[dict]) -> t
 
 
 def _embed_data(model, args: argparse.Namespace, console: Console, with_text: bool):
-    """The data argument's study (and report) embeddings, and the items skipped on the way."""
+    """The data argument's study (and report) embeddings, and the items skipped on the way;
+    non-finite embeddings are an error (nothing is written)."""
+    import torch
+
     from .run import embed_batches
 
     skipped: list[dict] = []
@@ -101,6 +104,13 @@ def _embed_data(model, args: argparse.Namespace, console: Console, with_text: bo
         console=console,
         total=total,
     )
+    for name, values in (("study", embeddings.study), ("report", embeddings.text)):
+        if values is not None and not bool(torch.isfinite(values).all()):
+            bad = (~torch.isfinite(values)).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{len(bad)} of {len(values)} {name} embeddings are not finite (first: study "
+                f"{embeddings.study_ids[bad[0]]}); nothing written: check the model's weights"
+            )
     return embeddings, skipped
 
 

@@ -239,6 +239,7 @@ class HLIPVisionEncoder(nn.Module):
         batch = batch if isinstance(batch, StudyBatch) else self.pack(batch)
         self._check_batch(batch)
         batch = batch.normalised()  # a reader's integer patches that were not moved with .to()
+        self._check_tensors(batch)
         pos = self.position_embedding(batch.layout)
         keep, layout = None, batch.layout
         if self.training and self.config.patch_dropout > 0:
@@ -334,6 +335,22 @@ class HLIPVisionEncoder(nn.Module):
         """Study embeddings (see :meth:`pool`) of packed studies or HLIP's dense tensor (see
         :meth:`forward_features`)."""
         return self.pool(*self._features(batch))
+
+    def _check_tensors(self, batch: StudyBatch) -> None:
+        """The batch on the model's device and, outside autocast, in its weights' dtype: said here,
+        naming both, rather than by the first matrix multiply."""
+        weight, patches = self.patch_embed.proj.weight, batch.patches
+        if patches.device != weight.device:
+            raise ValueError(
+                f"the batch (studies {list(batch.study_ids[:3])}...) is on {patches.device}, the model on "
+                f"{weight.device}: move it with batch.to(device)"
+            )
+        if patches.dtype != weight.dtype and not torch.is_autocast_enabled(weight.device.type):
+            raise ValueError(
+                f"study {batch.study_ids[0]!r}, scan 0: volumes of dtype {patches.dtype}; the model's "
+                f"weights are {weight.dtype}: pack {weight.dtype} volumes (e.g. volume.float()) or cast "
+                "the model"
+            )
 
     def _check_batch(self, batch: StudyBatch) -> None:
         cfg = self.config

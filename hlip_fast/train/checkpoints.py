@@ -14,7 +14,7 @@ import torch
 
 from hlip_fast.errors import IntegrityError
 from hlip_fast.files import os_error_at, read_json, write_json
-from hlip_fast.integrity import ALGORITHM, file_digest, verify_file
+from hlip_fast.integrity import ALGORITHM, check_finite, file_digest, verify_file
 
 PATTERN = re.compile(r"step_(\d+)\.pt")
 log = logging.getLogger("hlip_fast.train")
@@ -74,7 +74,8 @@ class Checkpoints:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> dict:
-        """The verified checkpoint at ``path``; :class:`IntegrityError` naming it when damaged."""
+        """The verified checkpoint at ``path``; :class:`IntegrityError` naming it when damaged or
+        when it holds non-finite values."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -86,9 +87,11 @@ class Checkpoints:
             raise IntegrityError(f"{sums}: not a checksum record; the checkpoint cannot be verified")
         verify_file(path, record["digest"], record["size"])
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - re-raised naming the file
             raise IntegrityError(f"{path}: unreadable checkpoint: {type(error).__name__}: {error}") from None
+        check_finite(state, str(path))  # intact bytes of a diverged run: passed over like damage
+        return state
 
     def load_latest_good(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that verifies, with its state (``None``: there is none at all);

@@ -1,9 +1,11 @@
 """What a training config needs from this machine, looked at before any work starts: the shard
 folders, the prompt files, the text model folder and its weights, the pretrained model, the
-``torch.compile`` backend. The values themselves are checked by :meth:`TrainConfig.problems`."""
+``torch.compile`` backend, the device, the attention backend and the launch. The values
+themselves are checked by :meth:`TrainConfig.problems`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hlip_fast.data.shards import is_prepared, is_url_or_pattern
@@ -42,6 +44,7 @@ def environment_problems(cfg: TrainConfig) -> list[str]:
             "ln(batch). Train it (--no-lock-text), warm it up (--text-mlm-steps N with text_model "
             "tiny), give a pretrained model (--text-model FOLDER), or use --recipe scratch-tiny"
         )
+    problems += launch_problems(cfg)
     if cfg.pretrained and not Path(cfg.pretrained).exists():
         problems.append(f"pretrained {cfg.pretrained!r} does not exist")
     if cfg.torchcompile:
@@ -62,3 +65,24 @@ def text_tower_from_scratch(cfg: TrainConfig) -> bool:
         return cfg.text_mlm_steps == 0
     folder = Path(cfg.text_model)
     return not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin"))
+
+
+def launch_problems(cfg: TrainConfig) -> list[str]:
+    """What the launch cannot serve: a device that is not here, an attention backend that does
+    not exist or cannot run on it, FSDP outside a torchrun launch."""
+    from hlip_fast.attention.dispatch import backend_problem
+    from hlip_fast.cli_options import resolve_device
+
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    if problem := backend_problem(cfg.attn_backend, device.type):
+        problems.append(f"--attn-backend: {problem}")
+    if cfg.fsdp and not all(os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        problems.append(
+            "--fsdp shards the model across the processes of a torchrun launch (RANK, WORLD_SIZE "
+            "unset here): launch with torchrun --nproc-per-node N -m hlip_fast.train ..."
+        )
+    return problems

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from hlip_fast.data import synthesize
 from hlip_fast.data.synth import SIZES
+from hlip_fast.errors import IntegrityError
 from hlip_fast.folder_lock import FolderLock
 from hlip_fast.train import main as train_main
 from hlip_fast.train.checkpoints import Checkpoints
@@ -263,3 +264,13 @@ def test_a_checkpoint_on_a_full_disk_fails_cleanly(small_disk):
     assert caught.value.errno == 28
     assert [p.name for p in folder.iterdir()] == ["step_00000001.pt", "step_00000001.pt.sum"]
     assert torch.equal(Checkpoints.load(folder / "step_00000001.pt")["w"], torch.ones(100))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_passed_over_like_a_damaged_one(tmp_path):
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=3)
+    checkpoints.save({"model": {"w": torch.ones(4)}, "step": 1}, 1)
+    checkpoints.save({"model": {"w": torch.tensor([1.0, float("nan"), 0.0, 0.0])}, "step": 2}, 2)
+    with pytest.raises(IntegrityError, match=r"step_00000002.pt: non-finite values .* in model\.w"):
+        Checkpoints.load(checkpoints.folder / "step_00000002.pt")
+    path, state = checkpoints.load_latest_good()
+    assert path.name == "step_00000001.pt" and state["step"] == 1
