@@ -145,7 +145,8 @@ def prepare_main(argv: list[str] | None = None) -> int:
             client = stack.enter_context(dask_client(args.scheduler, args.workers))
         index = _prepare(args, part, client)
     print(_summary(index, args.out))
-    if index["num_studies"] == 0:  # an empty folder is no result: stop as for too much damage
+    if index["num_studies"] == 0 and part is None:  # no result: stop as for too much damage
+        # (one part of K may hold only skipped studies; the merge of the parts is the result)
         skipped = len(read_json(args.out / "skipped.json")["studies"])
         raise RunStopped(
             f"{args.out}: no study was stored ({skipped} skipped; their reasons are in "
